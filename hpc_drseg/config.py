@@ -1,0 +1,482 @@
+"""Typed run configuration: one dataclass tree, partial YAML overrides, dotted command-line overrides, validation.
+
+Precedence: dataclass defaults < YAML file < `key=value` overrides. Standard library + PyYAML only (no torch), so the
+CLI can validate a config in milliseconds. Every field has a default and a docstring (the string after it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from hpc_drseg.constants import LESIONS
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it and says how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------------- tree
+@dataclass
+class AugmentConfig:
+    preset: Literal["paper", "light", "none"] = "paper"
+    """'paper': every transform of the paper (SPEC.md); 'light': flips/rotations only; 'none': resize+normalise."""
+    strength: float = 1.0
+    """Multiplies every transform's probability (0 disables all, 1 = the paper's values)."""
+
+    def __post_init__(self) -> None:
+        _check_range("data.augment.strength", self.strength, 0.0, 2.0)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"
+    """Shard directory written by `drseg shard` (holds manifest.json)."""
+    image_px: int = 512
+    """Side of the square training image; must equal the shards' image_px."""
+    train_split: str = "train"
+    """Split used for training."""
+    val_split: str = "valid"
+    """Split used for validation (LR schedule, early stopping, best checkpoint)."""
+    test_split: str = "test"
+    """Split reported by `drseg eval` by default."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the main process)."""
+    shuffle_buffer: int = 64
+    """Samples held in the in-memory shuffle buffer of each worker."""
+    subset: int = 0
+    """If > 0, use only this many training samples per epoch (debug runs)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-time augmentation (validation and test get resize + normalise only)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("data.image_px", self.image_px)
+        if self.image_px % 32:
+            raise ConfigError(f"data.image_px: got {self.image_px}; it must be divisible by 32 (e.g. 256, 512, 1024)")
+        _check_range("data.num_workers", self.num_workers, 0, 256)
+        _check_range("data.shuffle_buffer", self.shuffle_buffer, 1, 1_000_000)
+        _check_range("data.subset", self.subset, 0, 10_000_000)
+
+
+@dataclass
+class CBAMConfig:
+    impl: Literal["eager", "compile", "triton"] = "eager"
+    """CBAM computation: eager PyTorch, torch.compile of it, or the fused Triton kernel."""
+    reduction: int = 16
+    """Channel-MLP reduction ratio r (hidden = max(1, C // r))."""
+    kernel_size: int = 7
+    """Spatial-attention convolution size (odd)."""
+    sites: list[str] = field(default_factory=lambda: ["aspp", "low_level"])
+    """Where Attention-DeepLab inserts CBAM: 'aspp' (after ASPP), 'low_level' (after the 48-ch projection)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("model.cbam.reduction", self.reduction)
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"model.cbam.kernel_size: got {self.kernel_size}; it must be a positive odd number")
+        _check_choices("model.cbam.sites", self.sites, ("aspp", "low_level"))
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["attention_deeplab", "deeplabv3plus", "unet"] = "attention_deeplab"
+    """Architecture: Attention-DeepLab (paper), plain DeepLab-V3+, or U-Net."""
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    """ResNet encoder of the DeepLab models (torchvision module names)."""
+    pretrained_path: Optional[str] = None
+    """Local torchvision-format ImageNet state-dict file for the backbone; None = random init. Never downloaded."""
+    output_stride: Literal[16, 32] = 32
+    """Backbone output stride: 32 = the paper's model (no dilation), 16 = dilated layer4 (usual DeepLab-V3+)."""
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    """Atrous rates of the three 3×3 ASPP branches."""
+    aspp_separable: bool = False
+    """Depthwise-separable ASPP/decoder convs (as SMP) instead of ordinary 3×3 convs (as the paper's code)."""
+    use_aux_head: bool = False
+    """Auxiliary FCN head on layer4 (paper code, not text); training only."""
+    cbam: CBAMConfig = field(default_factory=CBAMConfig)
+    """CBAM attention blocks (used by attention_deeplab only)."""
+    unet_base_width: int = 32
+    """U-Net channels at the first level (paper run: 32)."""
+    unet_bilinear: bool = True
+    """U-Net upsampling by bilinear interpolation (True, paper run) or transposed convolution."""
+
+    def __post_init__(self) -> None:
+        if len(self.aspp_rates) != 3 or any(r < 1 for r in self.aspp_rates):
+            raise ConfigError(f"model.aspp_rates: got {self.aspp_rates}; give three positive rates, e.g. [6, 12, 18]")
+        _check_positive("model.unet_base_width", self.unet_base_width)
+
+    @property
+    def stride(self) -> int:
+        """Input sides must be divisible by this."""
+        return 16 if self.name == "unet" else 32
+
+
+@dataclass
+class LossWeights:
+    dice: float = 1.0
+    """Weight of the soft Dice term."""
+    bce: float = 0.5
+    """Weight of the binary cross-entropy term."""
+    focal: float = 1.0
+    """Weight of the focal term."""
+    boundary: float = 0.5
+    """Weight of the boundary term (paper eq. 5-6)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dice", "bce", "focal", "boundary"):
+            _check_range(f"loss.weights.{name}", getattr(self, name), 0.0, 1e6)
+
+
+@dataclass
+class LossConfig:
+    weights: LossWeights = field(default_factory=LossWeights)
+    """Weights of the four terms: L = dice·Dice + bce·BCE + focal·Focal + boundary·Boundary."""
+    focal_alpha: float = 0.25
+    """Focal α for positives (negatives get 1 − α)."""
+    focal_gamma: float = 2.0
+    """Focal focusing exponent γ."""
+    boundary_theta: float = 1.5
+    """θ in exp(−θ·‖∇T‖) of the boundary term."""
+    boundary_mode: Literal["paper", "edge_emphasis"] = "paper"
+    """'paper' = eq. (5) as written (down-weights pixels at lesion edges); 'edge_emphasis' up-weights them instead."""
+    pos_weight: Optional[list[float]] = None
+    """Per-lesion BCE positive weights in LESIONS order (paper code: [4, 1, 1.5, 2]); None = off."""
+    dice_eps: float = 1e-6
+    """Smoothing ε of the Dice term."""
+    aux_weight: float = 0.4
+    """Weight of the auxiliary head's loss (when model.use_aux_head)."""
+
+    def __post_init__(self) -> None:
+        _check_range("loss.focal_alpha", self.focal_alpha, 0.0, 1.0)
+        _check_range("loss.focal_gamma", self.focal_gamma, 0.0, 10.0)
+        _check_range("loss.boundary_theta", self.boundary_theta, 0.0, 100.0)
+        if self.pos_weight is not None and len(self.pos_weight) != len(LESIONS):
+            raise ConfigError(
+                f"loss.pos_weight: got {len(self.pos_weight)} values; give {len(LESIONS)}, one per lesion {LESIONS}"
+            )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Adam learning rate (paper)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam β1, β2 (paper)."""
+    weight_decay: float = 0.0
+    """L2 weight decay (paper text: none; paper code: 1e-5)."""
+    plateau_factor: float = 0.5
+    """ReduceLROnPlateau factor (paper)."""
+    plateau_patience: int = 5
+    """ReduceLROnPlateau patience in epochs (paper)."""
+    min_lr: float = 0.0
+    """Lower bound of the learning rate."""
+
+    def __post_init__(self) -> None:
+        _check_range("optim.lr", self.lr, 1e-12, 10.0)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: got {self.betas}; give two numbers in [0, 1), e.g. [0.9, 0.999]")
+        _check_range("optim.plateau_factor", self.plateau_factor, 1e-6, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: Optional[str] = None
+    """Run directory; None = runs/<config file name>. Re-running on an existing one resumes it."""
+    seed: int = 0
+    """Seeds Python, NumPy, torch and the data order."""
+    batch_size: int = 4
+    """Images per process per step (paper: 4)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    max_epochs: int = 100
+    """Upper bound on epochs (paper: 100)."""
+    max_steps: int = 0
+    """If > 0, stop after this many optimiser steps."""
+    steps_per_epoch: int = 0
+    """Optimiser steps per epoch; 0 = training images / global batch."""
+    early_stop_patience: int = 15
+    """Stop after this many epochs without improvement of monitor (paper: 15); 0 = never."""
+    monitor: str = "val/mAP"
+    """Validation quantity for early stopping, LR schedule and best.pt (e.g. val/mAP, val/mIoU, val/loss)."""
+    monitor_mode: Literal["max", "min"] = "max"
+    """Whether the monitored quantity should go up (max) or down (min)."""
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    """Mixed precision (paper: fp32 = 'no')."""
+    channels_last: bool = False
+    """Use the channels-last memory format (faster with mixed precision on GPUs and recent CPUs)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    debug: bool = False
+    """Single-process debug mode: deterministic, anomaly detection, shapes and timings logged, no compile."""
+    checkpoint_every_steps: int = 0
+    """Also write last.pt every N steps (0 = only at the end of each epoch)."""
+    log_every_steps: int = 10
+    """Progress-bar and TensorBoard scalar period."""
+    cpu: bool = False
+    """Force CPU even when CUDA is present."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "max_epochs", "log_every_steps"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        for name in ("max_steps", "steps_per_epoch", "early_stop_patience", "checkpoint_every_steps"):
+            _check_range(f"train.{name}", getattr(self, name), 0, 10**12)
+
+
+@dataclass
+class EvalConfig:
+    protocol: Literal["paper", "standard", "both"] = "both"
+    """Which evaluation protocol(s) to report (SPEC.md)."""
+    split: str = "test"
+    """Split evaluated by `drseg eval`."""
+    batch_size: int = 4
+    """Images per batch; the paper protocol averages per batch of 4."""
+    threshold: float = 0.5
+    """Probability threshold for IoU and Dice."""
+    histogram_bins: int = 10000
+    """Score-histogram bins of the standard protocol's AP (finer = closer to exact AP)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("eval.batch_size", self.batch_size)
+        _check_range("eval.threshold", self.threshold, 0.0, 1.0)
+        _check_range("eval.histogram_bins", self.histogram_bins, 11, 10_000_000)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name (defaults to the config file's stem)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards, loader and augmentation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Combined loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop, precision, checkpoints."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation protocols."""
+
+    def __post_init__(self) -> None:
+        if self.data.image_px % self.model.stride:
+            raise ConfigError(
+                f"data.image_px={self.data.image_px} is not divisible by {self.model.name}'s stride "
+                f"{self.model.stride}; use a multiple of {self.model.stride}"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir) if self.train.run_dir else Path("runs") / self.name
+
+
+# ------------------------------------------------------------------------------------------- building from dicts
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: got {value}; it must be > 0")
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: got {value}; it must be in [{low}, {high}]")
+
+
+def _check_choices(key: str, values: list[str], choices: tuple[str, ...]) -> None:
+    bad = [v for v in values if v not in choices]
+    if bad or len(set(values)) != len(values):
+        raise ConfigError(f"{key}: got {values}; each entry must be one of {list(choices)}, without repeats")
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks `value` against the annotation `tp` and converts where lossless (int → float, list → nested)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or type(value) is not type(choices[0]):
+            raise ConfigError(f"{key}: got {value!r}; choose one of {list(choices)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}; expected a list, e.g. {key}=[1,2]")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}; expected a mapping of {_field_names(tp)}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected {tp.__name__}")
+    return value
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = _field_names(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown key '{prefix}{key}'; valid keys here: {', '.join(prefix + k for k in known)}")
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a __post_init__ of plain ValueError, or a wrong constructor call
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['optim.lr=3e-4', 'model.cbam.sites=[aspp]'] → nested dict; values parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.startswith(".") or key.endswith("."):
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. optim.lr=3e-4)")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str) and _looks_like_float(value):
+            value = float(value)  # PyYAML 1.1 reads '3e-4' as a string
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
+        node[leaf] = value
+    return nested
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; see configs/ for the shipped ones")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of {_field_names(RunConfig)}")
+    return _fix_yaml_floats(loaded)
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str) and _looks_like_float(node) and any(c in node for c in "eE."):
+        return float(node)
+    return node
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Builds and validates a RunConfig from a (partial) nested dict."""
+    return _build(RunConfig, values)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Defaults < YAML file at `path` < dotted `overrides`. Raises ConfigError naming the bad key."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = _read_yaml(Path(path))
+        values.setdefault("name", Path(path).stem)
+    values = _merge(values, parse_overrides(list(overrides or [])))
+    return config_from_dict(values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Writes the resolved config atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    atomic_write_text(path, dump_config(cfg))
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every leaf field; used by `drseg config --list`."""
+    docs = _field_docs(cls)
+    rows: list[tuple[str, str, str]] = []
+    instance = cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if _is_dataclass_type(hints[f.name]):
+            rows.extend(describe_fields(hints[f.name], key + "."))
+        else:
+            rows.append((key, repr(getattr(instance, f.name)), docs.get(f.name, "")))
+    return rows
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Reads the string literal written after each field (the attribute-docstring convention)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value).strip()  # type: ignore[union-attr]
+    return docs
