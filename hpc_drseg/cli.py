@@ -1,0 +1,172 @@
+"""`drseg` command line: parse, load config, call. The only module that reads sys.argv.
+
+Heavy modules (torch, webdataset, albumentations) are imported inside each command, so `drseg --help` and config
+validation stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from hpc_drseg import __version__
+from hpc_drseg.config import ConfigError, describe_fields, dump_config, load_config
+from hpc_drseg.constants import SPLITS
+
+EPILOG = "Overrides are dotted key=value pairs, e.g. optim.lr=3e-4 model.cbam.sites=[aspp]; see `drseg config keys`."
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+def cmd_synth(args: argparse.Namespace) -> int:
+    from hpc_drseg.data.synth import write_synthetic_ddr
+
+    counts = {"train": args.train, "valid": args.valid, "test": args.test}
+    out = write_synthetic_ddr(
+        args.out,
+        counts=counts,
+        size_px=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        workers=args.workers,
+    )
+    print(f"synthetic DDR tree written to {out} ({sum(counts.values())} images)")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from hpc_drseg.data.shards import write_shards
+
+    manifest = write_shards(
+        args.ddr_root,
+        args.out,
+        image_px=args.image_px,
+        overwrite=args.overwrite,
+        allow_missing_masks=args.allow_missing_masks,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    for split, info in manifest["splits"].items():
+        lesions = " ".join(f"{k}={v}" for k, v in info["lesion_images"].items())
+        print(f"{split:>5}: {info['images']:4d} images in {len(info['shards'])} shards; images with lesion: {lesions}")
+    print(f"shards written to {args.out} (manifest.json)")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "keys":
+        for key, default, doc in describe_fields():
+            print(f"{key:<32} {default:<28} {doc}")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.action == "show":
+        print(dump_config(cfg), end="")
+    else:
+        print(f"ok: {args.config or 'defaults'} is a valid configuration")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from hpc_drseg.models import describe_model
+
+    cfg = load_config(args.config, args.overrides)
+    info = describe_model(cfg.model, cfg.data.image_px)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:<28} {value}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "data":
+        from hpc_drseg.data.bench import benchmark_data, format_table
+
+        workers = [int(w) for w in args.workers.split(",")]
+        rows = benchmark_data(args.shards, workers, args.seconds, image_px=args.image_px, preset=args.preset)
+        print(format_table(rows))
+        return 0
+    raise ValueError(f"unknown benchmark {args.what!r}")
+
+
+# ------------------------------------------------------------------------------------------------------- parsing
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML file of partial overrides (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drseg", description="Diabetic-retinopathy lesion segmentation on GPU clusters.", epilog=EPILOG
+    )
+    parser.add_argument("--version", action="version", version=f"hpc_drseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write synthetic DDR-like data in the official layout")
+    p.add_argument("--out", required=True, help="output folder (gets lesion_segmentation/{train,valid,test}/…)")
+    for split, default in zip(SPLITS, (383, 149, 225)):
+        p.add_argument(f"--{split}", type=int, default=default, help=f"{split} images (default {default}, as DDR)")
+    p.add_argument("--size", type=int, default=1024, help="nominal image side in px; sides vary ±15%% (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("shard", help="convert a DDR tree (real or synthetic) into WebDataset shards")
+    p.add_argument("--ddr-root", required=True, help="folder holding lesion_segmentation/ (or that folder itself)")
+    p.add_argument("--out", required=True, help="shard folder to create (tars + manifest.json)")
+    p.add_argument("--image-px", type=int, default=512, help="training image side (default 512, the paper's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    p.add_argument("--allow-missing-masks", action="store_true", help="treat a missing mask file as all-zero")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("config", help="show, check or list configuration keys")
+    p.add_argument("action", choices=("show", "check", "keys"), help="show resolved YAML, check it, or list all keys")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("info", help="parameters, training FLOPs and output shape of the configured model")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures (data loading, …)")
+    p.add_argument("what", choices=("data",), help="what to measure")
+    p.add_argument("--shards", default=None, help="shard folder (data benchmark)")
+    p.add_argument("--workers", default="1,2", help="comma-separated loader worker counts (default 1,2)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measuring time per setting (default 10)")
+    p.add_argument("--image-px", type=int, default=512, help="image side for the augmentation-only figure")
+    p.add_argument("--preset", default="paper", choices=("paper", "light", "none"), help="augmentation preset")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    # Overrides may come before or after options (`--config F a=1 --json b=2`); argparse stops collecting a
+    # positional list at the first option, so the stragglers are picked up here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"drseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"drseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""`drseg` entry points: help, exit codes and error messages of the commands that need no data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hpc_drseg.cli import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("synth", "shard", "config", "info", "bench"):
+        assert command in out
+
+
+def test_python_dash_m_works():
+    done = subprocess.run([sys.executable, "-m", "hpc_drseg", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and "hpc_drseg" in done.stdout
+
+
+def test_bad_override_exits_nonzero_naming_key(capsys):
+    assert main(["config", "check", "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'optim.lrr'" in err and "optim.lr" in err
+
+
+def test_config_show_applies_overrides(capsys):
+    assert main(["config", "show", "--config", "configs/debug.yaml", "train.seed=11"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 11" in out and "backbone: resnet18" in out
+
+
+def test_config_keys_lists_documented_fields(capsys):
+    assert main(["config", "keys"]) == 0
+    assert "loss.weights.boundary" in capsys.readouterr().out
