@@ -1,0 +1,183 @@
+"""Reader for the official DDR lesion-segmentation layout (Li et al. 2019), real or synthetic: finds and validates
+the image/mask files of a split and reads one sample as an RGB image plus four binary masks in LESIONS order.
+
+Layout: `[DDR-dataset/]lesion_segmentation/{train,valid,test}/image/<id>.jpg` + `.../label/{EX,HE,MA,SE}/<id>.tif`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from hpc_drseg.constants import LESIONS, SPLITS
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MASK_SUFFIXES = (".tif", ".tiff", ".png")
+SUBSET_DIR = "lesion_segmentation"
+EXPECTED_LAYOUT = (
+    "expected DDR-dataset/lesion_segmentation/{train,valid,test}/image/<id>.jpg and "
+    ".../{split}/label/{EX,HE,MA,SE}/<id>.tif (or .png); pass --ddr-root the folder holding lesion_segmentation/ "
+    "or lesion_segmentation/ itself"
+)
+_MAX_LISTED = 5  # file names quoted in one error message
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """The files of one DDR sample: image path and one mask path per lesion (None = no mask file)."""
+
+    id: str
+    image: Path
+    masks: dict[str, Optional[Path]]
+
+
+class DDRSample(NamedTuple):
+    id: str
+    image: np.ndarray
+    """(H, W, 3) uint8 RGB."""
+    masks: np.ndarray
+    """(H, W, 4) uint8 0/1 in LESIONS order."""
+    missing_masks: tuple[str, ...]
+    """Lesions whose mask file was absent and filled with zeros (only with allow_missing_masks)."""
+    non_binary_masks: tuple[str, ...]
+    """Lesions whose mask held more than one non-zero value (binarised as > 0)."""
+
+
+def resolve_root(root: str | Path) -> Path:
+    """Returns the `lesion_segmentation` folder, given it or the folder holding it."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"DDR root {root} does not exist; {EXPECTED_LAYOUT}")
+    for candidate in (root / SUBSET_DIR, root):
+        if any((candidate / split / "image").is_dir() for split in SPLITS):
+            return candidate
+    raise FileNotFoundError(f"{root} is not a DDR tree (no {SUBSET_DIR}/<split>/image/ folder); {EXPECTED_LAYOUT}")
+
+
+def available_splits(root: str | Path) -> list[str]:
+    """The splits of SPLITS that have an image/ folder, in SPLITS order."""
+    base = resolve_root(root)
+    return [split for split in SPLITS if (base / split / "image").is_dir()]
+
+
+def _files_by_id(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in suffixes or path.name.startswith("."):
+            continue
+        if path.stem in found:
+            raise ValueError(f"{path} and {found[path.stem]} have the same id '{path.stem}'; keep only one of them")
+        found[path.stem] = path
+    return found
+
+
+def _listing(paths: list[Path]) -> str:
+    shown = ", ".join(str(p) for p in paths[:_MAX_LISTED])
+    return shown + (f" and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else "")
+
+
+def find_samples(root: str | Path, split: str, allow_missing_masks: bool = False) -> list[SampleFiles]:
+    """Lists and cross-checks the files of `split`, sorted by id. Raises on a layout problem, naming the files."""
+    split_dir = resolve_root(root) / split
+    image_dir, label_dir = split_dir / "image", split_dir / "label"
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"split '{split}': folder {image_dir} does not exist; {EXPECTED_LAYOUT}")
+    images = _files_by_id(image_dir, IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"split '{split}' is empty: no {'/'.join(IMAGE_SUFFIXES)} file in {image_dir}")
+    masks_by_lesion = {lesion: _lesion_masks(label_dir / lesion, allow_missing_masks) for lesion in LESIONS}
+    _check_masks_match(images, masks_by_lesion, label_dir, allow_missing_masks)
+    return [
+        SampleFiles(id=sid, image=images[sid], masks={les: masks_by_lesion[les].get(sid) for les in LESIONS})
+        for sid in sorted(images)
+    ]
+
+
+def _lesion_masks(folder: Path, allow_missing_masks: bool) -> dict[str, Path]:
+    if folder.is_dir():
+        return _files_by_id(folder, MASK_SUFFIXES)
+    if allow_missing_masks:
+        return {}
+    raise FileNotFoundError(
+        f"mask folder {folder} does not exist; {EXPECTED_LAYOUT} (or pass --allow-missing-masks to treat every "
+        f"{folder.name} mask as empty)"
+    )
+
+
+def _check_masks_match(
+    images: dict[str, Path], masks_by_lesion: dict[str, dict[str, Path]], label_dir: Path, allow_missing: bool
+) -> None:
+    orphans = sorted(p for masks in masks_by_lesion.values() for sid, p in masks.items() if sid not in images)
+    if orphans:
+        raise ValueError(
+            f"{len(orphans)} mask file(s) have no image in {label_dir.parent / 'image'}: {_listing(orphans)}; "
+            "restore the image(s) or remove the mask(s)"
+        )
+    missing = [
+        label_dir / lesion / f"{sid}.tif"
+        for lesion, masks in masks_by_lesion.items()
+        for sid in sorted(images)
+        if sid not in masks
+    ]
+    if missing and not allow_missing:
+        raise FileNotFoundError(
+            f"{len(missing)} mask file(s) missing (.tif or .png): {_listing(missing)}; every image needs one mask per "
+            "lesion (an absent lesion is an all-zero mask). Restore them, or pass --allow-missing-masks "
+            "(allow_missing_masks=True) to treat them as empty"
+        )
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB. PIL raises on truncated files where OpenCV would silently return a partial image."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"image {path} is corrupt or unreadable ({exc}); replace it with an intact copy") from exc
+
+
+def read_mask(path: Path) -> tuple[np.ndarray, bool]:
+    """(H, W) uint8 0/1 (any value > 0, in any channel, is lesion) and whether the file was non-binary."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            values = np.asarray(img)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"mask {path} is corrupt or unreadable ({exc}); replace it with an intact copy") from exc
+    if values.ndim == 3:  # an RGB(A)-saved mask: lesion wherever any channel is on
+        values = values.max(axis=2)
+    on_values = np.unique(values[values > 0]) if values.any() else values[:0]
+    return (values > 0).astype(np.uint8), len(on_values) > 1
+
+
+def read_sample(files: SampleFiles, allow_missing_masks: bool = False) -> DDRSample:
+    """Reads one sample; checks every mask against the image size."""
+    image = read_image(files.image)
+    height, width = image.shape[:2]
+    masks = np.zeros((height, width, len(LESIONS)), np.uint8)
+    missing, non_binary = [], []
+    for channel, lesion in enumerate(LESIONS):
+        path = files.masks.get(lesion)
+        if path is None:
+            if not allow_missing_masks:
+                raise FileNotFoundError(
+                    f"sample '{files.id}' ({files.image}) has no {lesion} mask; restore it or pass "
+                    "--allow-missing-masks (allow_missing_masks=True) to treat it as empty"
+                )
+            missing.append(lesion)
+            continue
+        mask, is_non_binary = read_mask(path)
+        if mask.shape != (height, width):
+            raise ValueError(
+                f"mask {path} is {mask.shape[1]}×{mask.shape[0]} but its image {files.image} is {width}×{height}; "
+                "masks must have the image's size (re-export the mask at the image's resolution)"
+            )
+        masks[..., channel] = mask
+        if is_non_binary:
+            non_binary.append(lesion)
+    return DDRSample(files.id, image, masks, tuple(missing), tuple(non_binary))

@@ -1,0 +1,408 @@
+"""Converts a DDR tree (real or synthetic) into WebDataset tar shards plus manifest.json, atomically; the resize rules
+(images to image_px², masks by "any lesion coverage" so microaneurysms survive) and the sample encoding live here.
+
+Sample `<id>` in `{split}-NNNNNN.tar`: `<id>.image.png` RGB at image_px², `<id>.mask.png` the 4 masks bit-packed,
+`<id>.native.png` (valid/test) the same at native resolution, `<id>.json` {id, split, native_hw}.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from hpc_drseg import __version__
+from hpc_drseg.constants import LESIONS
+from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, read_sample, resolve_root
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+NATIVE_SPLITS = ("valid", "test")  # the standard evaluation protocol scores these at native resolution (SPEC)
+SAMPLES_PER_SHARD = 16  # DDR valid (149) → 10 shards, test (225) → 15: enough to split by shard over ranks × workers
+ENCODING = {
+    "image": "image.png: RGB uint8 at image_px × image_px, lossless PNG (no second lossy step after the source JPEG)",
+    "mask": "mask.png: 1-channel uint8 PNG, bit i set = lesion LESIONS[i] present (4 binary planes, lossless)",
+    "native": "native.png (valid/test only): like mask.png at the image's native height × width",
+    "json": "json: {id, split, native_hw: [height, width]}",
+}
+_PNG_LEVEL = [cv2.IMWRITE_PNG_COMPRESSION, 3]  # zlib level 3: near-best size for photos, several times faster than 9
+FORMAT = 1  # bump when the sample encoding changes; readers refuse other formats
+_TAR_MTIME = 0  # fixed member metadata so that the same input always gives byte-identical shards
+
+
+# --------------------------------------------------------------------------------------------------- resizing
+def resize_image(image: np.ndarray, image_px: int) -> np.ndarray:
+    """(H, W, 3) uint8 → (image_px, image_px, 3): area averaging when shrinking (no aliasing), else bicubic."""
+    height, width = image.shape[:2]
+    if (height, width) == (image_px, image_px):
+        return image.copy()
+    shrinking = image_px * image_px <= height * width
+    return cv2.resize(image, (image_px, image_px), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+
+def resize_mask(mask: np.ndarray, image_px: int) -> np.ndarray:
+    """(H, W, C) uint8 0/1 → (image_px, image_px, C) 0/1: a target pixel is lesion if any part of its footprint is.
+
+    SPEC: nearest-neighbour erases most 1-3 px microaneurysms when a ~1500-3000 px fundus goes to 512² (it keeps one
+    source pixel in 9-36). Instead each axis is resized on its own: when shrinking, INTER_AREA on the 0/1 mask as
+    float32 gives the lesion fraction of the footprint, and `> 0` keeps every pixel that holds any lesion (exact
+    max-pooling over the footprint); when enlarging, nearest (centre-aligned) already keeps every source pixel. The
+    cost is a slight dilation of lesion borders at the target resolution, which the native-resolution masks undo
+    for evaluation.
+    """
+    out = mask
+    for axis in (1, 0):  # width, then height
+        source = out.shape[axis]
+        if source == image_px:
+            continue
+        size = (image_px, out.shape[0]) if axis == 1 else (out.shape[1], image_px)
+        if image_px < source:
+            resized = cv2.resize(out.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+            out = (resized > 0).astype(np.uint8)
+        else:
+            out = cv2.resize(out, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        if out.ndim == 2:  # cv2 drops a trailing channel axis of size 1
+            out = out[..., None]
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------- encoding
+def pack_masks(mask: np.ndarray) -> np.ndarray:
+    """(H, W, 4) 0/1 → (H, W) uint8 with bit i = channel i."""
+    weights = (1 << np.arange(mask.shape[-1], dtype=np.uint8)).astype(np.uint8)
+    return (mask.astype(np.uint8) * weights).sum(axis=-1, dtype=np.uint8)
+
+
+def unpack_masks(packed: np.ndarray, channels: int = len(LESIONS)) -> np.ndarray:
+    """(H, W) uint8 → (H, W, channels) uint8 0/1 (inverse of pack_masks)."""
+    return (packed[..., None] >> np.arange(channels, dtype=np.uint8)) & 1
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """(H, W) gray or (H, W, 3) RGB uint8 → PNG bytes."""
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", array, _PNG_LEVEL)
+    assert ok, "cv2.imencode failed on a valid uint8 array"
+    return buffer.tobytes()
+
+
+def decode_png(data: bytes, name: str) -> np.ndarray:
+    """PNG bytes → (H, W) uint8 or (H, W, 3) RGB uint8, values unchanged (never expands gray masks to 3 channels)."""
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ValueError(f"{name}: corrupt PNG in the shard; re-run `drseg shard --overwrite`")
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB) if array.ndim == 3 else array
+
+
+class EncodedSample(NamedTuple):
+    id: str
+    members: list[tuple[str, bytes]]
+    """(tar member name, content) in the order they are written."""
+    lesion_pixels: list[int]
+    """Lesion pixels per channel at native resolution."""
+    lesion_pixels_resized: list[int]
+    total_pixels: int
+    missing_masks: int
+    non_binary_files: list[str]
+
+
+def encode_sample(files: SampleFiles, split: str, image_px: int, allow_missing_masks: bool) -> EncodedSample:
+    """Reads, resizes and encodes one sample (runs in a pool worker)."""
+    if "." in files.id:
+        raise ValueError(
+            f"image {files.image}: its id '{files.id}' holds a '.', which WebDataset reads as an "
+            "extension separator; rename the image and its masks without dots"
+        )
+    sample = read_sample(files, allow_missing_masks)
+    mask_small = resize_mask(sample.masks, image_px)
+    height, width = sample.image.shape[:2]
+    meta = {"id": files.id, "split": split, "native_hw": [height, width]}
+    members = [
+        (f"{files.id}.image.png", encode_png(resize_image(sample.image, image_px))),
+        (f"{files.id}.mask.png", encode_png(pack_masks(mask_small))),
+    ]
+    if split in NATIVE_SPLITS:
+        members.append((f"{files.id}.native.png", encode_png(pack_masks(sample.masks))))
+    members.append((f"{files.id}.json", json.dumps(meta, sort_keys=True).encode()))
+    return EncodedSample(
+        id=files.id,
+        members=members,
+        lesion_pixels=[int(n) for n in sample.masks.sum(axis=(0, 1), dtype=np.int64)],
+        lesion_pixels_resized=[int(n) for n in mask_small.sum(axis=(0, 1), dtype=np.int64)],
+        total_pixels=height * width,
+        missing_masks=len(sample.missing_masks),
+        non_binary_files=[str(files.masks[lesion]) for lesion in sample.non_binary_masks],
+    )
+
+
+def _encode_job(job: tuple[SampleFiles, str, int, bool]) -> EncodedSample:
+    return encode_sample(*job)
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+class _SplitWriter:
+    """Streams encoded samples of one split into consecutive tar shards and accumulates the manifest entry."""
+
+    def __init__(self, folder: Path, split: str, samples_per_shard: int) -> None:
+        self.folder, self.split, self.samples_per_shard = folder, split, samples_per_shard
+        self.tar: Optional[tarfile.TarFile] = None
+        self.info: dict[str, Any] = {
+            "images": 0,
+            "lesion_images": dict.fromkeys(LESIONS, 0),
+            "lesion_pixels": dict.fromkeys(LESIONS, 0),
+            "lesion_pixels_resized": dict.fromkeys(LESIONS, 0),
+            "total_pixels": 0,
+            "missing_masks": 0,
+            "non_binary_masks": 0,
+            "has_native": split in NATIVE_SPLITS,
+            "shards": [],
+            "shard_sizes": [],
+            "ids": [],
+        }
+        self.non_binary_files: list[str] = []
+
+    def add(self, sample: EncodedSample) -> None:
+        info = self.info
+        if not info["shard_sizes"] or info["shard_sizes"][-1] == self.samples_per_shard:
+            self._open_next_shard()
+        for name, data in sample.members:
+            member = tarfile.TarInfo(name)
+            member.size, member.mtime, member.mode = len(data), _TAR_MTIME, 0o444
+            self.tar.addfile(member, io.BytesIO(data))
+        info["shard_sizes"][-1] += 1
+        info["ids"].append(sample.id)
+        info["images"] += 1
+        for lesion, native, resized in zip(LESIONS, sample.lesion_pixels, sample.lesion_pixels_resized):
+            info["lesion_images"][lesion] += int(native > 0)
+            info["lesion_pixels"][lesion] += native
+            info["lesion_pixels_resized"][lesion] += resized
+        info["total_pixels"] += sample.total_pixels
+        info["missing_masks"] += sample.missing_masks
+        info["non_binary_masks"] += len(sample.non_binary_files)
+        self.non_binary_files.extend(sample.non_binary_files)
+
+    def _open_next_shard(self) -> None:
+        self.close()
+        name = f"{self.split}-{len(self.info['shards']):06d}.tar"
+        self.tar = tarfile.open(self.folder / name, "w", format=tarfile.PAX_FORMAT)
+        self.info["shards"].append(name)
+        self.info["shard_sizes"].append(0)
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+
+def _encoded(jobs: list[tuple[SampleFiles, str, int, bool]], workers: int) -> Iterator[EncodedSample]:
+    """Encodes in input order, whatever the number of processes (so the output does not depend on it)."""
+    if workers <= 1:
+        yield from map(_encode_job, jobs)
+        return
+    with multiprocessing.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+        yield from pool.imap(_encode_job, jobs, chunksize=1)
+
+
+class _Options(NamedTuple):
+    image_px: int
+    allow_missing_masks: bool
+    samples_per_shard: int
+    workers: int
+
+
+def _collect(ddr_root: Path, allow_missing_masks: bool) -> dict[str, list[SampleFiles]]:
+    """Lists and validates every split before anything is written, so layout errors cost no work."""
+    splits = available_splits(ddr_root)
+    return {split: find_samples(ddr_root, split, allow_missing_masks) for split in splits}
+
+
+def _check_args(out: Path, image_px: int, samples_per_shard: int, overwrite: bool) -> None:
+    if image_px <= 0 or image_px % 32:
+        raise ValueError(f"image_px: got {image_px}; it must be a positive multiple of 32 (e.g. 256, 512, 1024)")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard: got {samples_per_shard}; it must be >= 1")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+
+
+def write_shards(
+    ddr_root: str | Path,
+    out: str | Path,
+    image_px: int = 512,
+    overwrite: bool = False,
+    allow_missing_masks: bool = False,
+    workers: Optional[int] = None,
+    samples_per_shard: int = SAMPLES_PER_SHARD,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Writes `{split}-NNNNNN.tar` shards and manifest.json for every split of the DDR tree; returns the manifest.
+
+    The output appears all at once (written into a temporary sibling folder, then renamed) or not at all; an
+    existing `out` is replaced only with overwrite=True. `workers`: encoding processes (None = all cores); the bytes
+    written do not depend on it. Layout errors (ddr.find_samples) are raised before any image is read.
+    """
+    out = Path(out).expanduser().absolute()
+    _check_args(out, image_px, samples_per_shard, overwrite)
+    base = resolve_root(ddr_root)
+    samples = _collect(base, allow_missing_masks)
+    total = sum(len(files) for files in samples.values())
+    workers = os.cpu_count() or 1 if workers is None else workers
+    options = _Options(image_px, allow_missing_masks, samples_per_shard, max(1, min(workers, total)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the renamed folder should not be
+        manifest = _manifest_header(base, image_px, samples_per_shard)
+        with tqdm(total=total, desc=f"shard {out.name}", unit="img", disable=not progress) as bar:
+            for split, files in samples.items():
+                manifest["splits"][split] = _write_split(tmp, split, files, options, bar)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _manifest_header(base: Path, image_px: int, samples_per_shard: int) -> dict[str, Any]:
+    return {
+        "tool": "hpc_drseg",
+        "version": __version__,
+        "format": FORMAT,
+        "image_px": image_px,
+        "lesions": list(LESIONS),
+        "samples_per_shard": samples_per_shard,
+        "encoding": ENCODING,
+        "mask_resize": "per axis: shrink = any lesion coverage in the footprint (INTER_AREA > 0), enlarge = nearest",
+        "pixel_counts": "lesion_pixels and total_pixels at native resolution; lesion_pixels_resized at image_px",
+        "source": str(base),
+        "splits": {},
+    }
+
+
+def _write_split(folder: Path, split: str, files: list[SampleFiles], options: _Options, bar: tqdm) -> dict[str, Any]:
+    writer = _SplitWriter(folder, split, options.samples_per_shard)
+    jobs = [(f, split, options.image_px, options.allow_missing_masks) for f in files]
+    try:
+        for sample in _encoded(jobs, options.workers):
+            writer.add(sample)
+            bar.update(1)
+    finally:
+        writer.close()
+    if writer.non_binary_files:
+        shown = ", ".join(writer.non_binary_files[:5])
+        log.warning(
+            "%s: %d mask file(s) hold more than one non-zero value and were binarised as > 0 (e.g. %s)",
+            split,
+            len(writer.non_binary_files),
+            shown,
+        )
+    if writer.info["missing_masks"]:
+        log.warning("%s: %d missing mask file(s) were treated as empty", split, writer.info["missing_masks"])
+    return writer.info
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Renames tmp → out; an existing out (overwrite=True was checked) is moved aside first and removed last."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
+    """Loads and checks `shards_dir/manifest.json`."""
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {shards_dir} is not a shard folder; run `drseg shard --ddr-root DIR --out "
+            f"{shards_dir}` first"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); re-run `drseg shard --overwrite`") from exc
+    if not isinstance(manifest, dict) or manifest.get("tool") != "hpc_drseg" or "splits" not in manifest:
+        raise ValueError(f"{path} was not written by `drseg shard`; re-run `drseg shard --overwrite`")
+    if manifest.get("format") != FORMAT or manifest.get("lesions") != list(LESIONS):
+        raise ValueError(
+            f"{path}: shard format {manifest.get('format')} with lesions {manifest.get('lesions')} does not match "
+            f"this hpc_drseg ({FORMAT}, {list(LESIONS)}); re-run `drseg shard --overwrite`"
+        )
+    return manifest
+
+
+def split_info(manifest: dict[str, Any], split: str, shards_dir: str | Path = "") -> dict[str, Any]:
+    """The manifest entry of `split`, with an error that lists the available splits."""
+    if split not in manifest["splits"]:
+        raise ValueError(
+            f"split '{split}' is not in the shards {shards_dir}; available: {sorted(manifest['splits'])} "
+            "(check data.train_split / data.val_split / eval.split)"
+        )
+    return manifest["splits"][split]
+
+
+def shard_groups(shards_dir: str | Path, info: dict[str, Any]) -> list[tuple[Path, list[str]]]:
+    """(shard path, its sample ids) of one split's manifest entry, in order; every shard file must exist."""
+    groups, start = [], 0
+    for name, size in zip(info["shards"], info["shard_sizes"]):
+        path = Path(shards_dir) / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"shard {path} listed in {Path(shards_dir) / MANIFEST} is missing; re-run `drseg shard --overwrite`"
+            )
+        groups.append((path, info["ids"][start : start + size]))
+        start += size
+    return groups
+
+
+def iter_shard_samples(path: Path) -> Iterator[dict[str, Any]]:
+    """Yields {'__key__': id, '<ext>': bytes, ...} per sample of one tar; a damaged file is an error naming it."""
+    sample: dict[str, Any] = {}
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    sample = {}
+                sample.setdefault("__key__", key)
+                sample[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ValueError(f"shard {path} is unreadable or truncated ({exc}); re-run `drseg shard --overwrite`") from exc
+    if sample:
+        yield sample
