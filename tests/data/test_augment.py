@@ -1,0 +1,286 @@
+"""Augmentation: presets hold SPEC.md values under albumentations 2.x names; masks stay aligned and binary; seeding;
+normalize."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+from collections import Counter
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from hpc_drseg.config import AugmentConfig
+from hpc_drseg.constants import IMAGENET_MEAN, IMAGENET_STD, LESIONS
+from hpc_drseg.data.augment import build_augment, normalize, seed_augment, worker_seed
+
+PX = 128  # small images keep the file fast; no transform parameter depends on the side except elastic (scaled)
+
+
+def _walk(compose: A.BaseCompose) -> list:
+    out = []
+    for t in compose.transforms:
+        out.append(t)
+        if isinstance(t, A.BaseCompose):
+            out.extend(_walk(t))
+    return out
+
+
+def _by_name(aug) -> dict[str, object]:
+    found = {type(t).__name__: t for t in _walk(aug.compose) if not isinstance(t, A.OneOf)}
+    return found
+
+
+def _one_ofs(aug) -> list[A.OneOf]:
+    return [t for t in aug.compose.transforms if isinstance(t, A.OneOf)]
+
+
+def _pattern(px: int = PX) -> np.ndarray:
+    """An asymmetric binary pattern (an L, a bar and a disc): any flip or rotation of it looks different."""
+    p = np.zeros((px, px), np.uint8)
+    p[20:90, 24:40] = 1  # L: vertical stroke
+    p[74:90, 24:80] = 1  # L: foot
+    p[30:42, 70:110] = 1  # bar, top right
+    cv2.circle(p, (96, 100), 12, 1, -1)
+    return p
+
+
+def _sample(px: int = PX, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (px, px, 3), dtype=np.uint8)
+    mask = (rng.random((px, px, len(LESIONS))) > 0.97).astype(np.uint8)
+    mask[40:60, 40:70, 1] = 1  # a blob, so geometric transforms move something larger than a pixel
+    return image, mask
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+# ------------------------------------------------------------------------------------------------------ building
+@pytest.mark.parametrize(
+    "preset,strength", [("paper", 1.0), ("paper", 0.5), ("paper", 2.0), ("light", 1.0), ("none", 1.0)]
+)
+def test_presets_build_and_run_without_any_warning(preset, strength):
+    image, mask = _sample()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # includes DeprecationWarning and the "argument ignored" UserWarning
+        aug = build_augment(AugmentConfig(preset=preset, strength=strength), PX, seed=0)
+        if preset == "none":
+            assert aug is None
+            return
+        for _ in range(5):
+            aug(image, mask)
+
+
+def test_paper_preset_holds_every_spec_value():
+    aug = build_augment(AugmentConfig(preset="paper"), 512)
+    t = _by_name(aug)
+    assert set(t) == {
+        "HorizontalFlip", "VerticalFlip", "RandomRotate90", "Affine", "RandomBrightnessContrast", "RandomGamma",
+        "HueSaturationValue", "GaussNoise", "GaussianBlur", "ElasticTransform", "GridDistortion", "OpticalDistortion",
+    }  # fmt: skip
+    for name in ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Affine"):
+        assert t[name].p == 0.5, name
+    affine = t["Affine"]
+    assert affine.translate_percent == {"x": (-0.0625, 0.0625), "y": (-0.0625, 0.0625)}
+    assert affine.scale == {"x": (0.9, 1.1), "y": (0.9, 1.1)} and affine.keep_ratio
+    assert affine.rotate == (-15, 15) and affine.shear == {"x": (0, 0), "y": (0, 0)}
+    # The silent-ignore trap: 1.x var_limit=(10, 50) is a variance on 0-255; 2.x wants std / 255.
+    noise = t["GaussNoise"]
+    assert noise.std_range == pytest.approx((math.sqrt(10) / 255, math.sqrt(50) / 255))
+    assert noise.std_range == pytest.approx((0.0124, 0.0277), abs=1e-4)
+    assert noise.mean_range == (0, 0) and noise.p == 0.15
+    assert t["GaussianBlur"].blur_limit == (3, 3) and t["GaussianBlur"].p == 0.15
+    assert t["RandomBrightnessContrast"].brightness_limit == (-0.2, 0.2)
+    assert t["RandomBrightnessContrast"].contrast_limit == (-0.2, 0.2)
+    assert t["RandomGamma"].gamma_limit == (80, 120)
+    hsv = t["HueSaturationValue"]
+    assert (hsv.hue_shift_limit, hsv.sat_shift_limit, hsv.val_shift_limit) == ((-10, 10), (-15, 15), (-10, 10))
+    assert t["ElasticTransform"].alpha == 1 and t["ElasticTransform"].sigma == 50
+    assert t["OpticalDistortion"].distort_limit == (-1.0, 1.0) and t["OpticalDistortion"].mode == "camera"
+    colour, distortion = _one_ofs(aug)
+    assert colour.p == 0.5 and [m.p for m in colour.transforms] == [0.4, 0.4, 0.4]
+    assert distortion.p == 0.3 and [m.p for m in distortion.transforms] == [0.15, 0.15, 0.15]
+    for name in ("Affine", "ElasticTransform", "GridDistortion", "OpticalDistortion"):
+        geo = t[name]
+        assert geo.border_mode == cv2.BORDER_CONSTANT and geo.fill == 0 and geo.fill_mask == 0, name
+        assert geo.mask_interpolation == cv2.INTER_NEAREST, name
+
+
+def test_strength_scales_outer_probabilities_and_clips_at_one():
+    aug = build_augment(AugmentConfig(preset="paper", strength=2.0), 512)
+    t = _by_name(aug)
+    assert t["HorizontalFlip"].p == 1.0 and t["Affine"].p == 1.0
+    assert t["GaussNoise"].p == pytest.approx(0.3) and t["GaussianBlur"].p == pytest.approx(0.3)
+    colour, distortion = _one_ofs(aug)
+    assert colour.p == 1.0 and distortion.p == pytest.approx(0.6)
+    assert [m.p for m in distortion.transforms] == [0.15, 0.15, 0.15]  # relative weights, unchanged
+    assert build_augment(AugmentConfig(preset="paper", strength=0.0), 512) is None
+
+
+def test_light_preset_is_flips_and_rot90_only():
+    aug = build_augment(AugmentConfig(preset="light", strength=0.5), 512)
+    assert [(type(t).__name__, t.p) for t in aug.compose.transforms] == [
+        ("HorizontalFlip", 0.25), ("VerticalFlip", 0.25), ("RandomRotate90", 0.25)
+    ]  # fmt: skip
+
+
+def test_elastic_sigma_follows_image_side():
+    t = _by_name(build_augment(AugmentConfig(preset="paper"), 256))
+    assert (t["ElasticTransform"].alpha, t["ElasticTransform"].sigma) == (0.5, 25.0)
+
+
+# ------------------------------------------------------------------------------------------------ image and mask
+def test_geometric_transforms_move_the_mask_with_the_image():
+    pattern = _pattern()
+    image = np.repeat(pattern[..., None] * 255, 3, axis=2)
+    mask = np.repeat(pattern[..., None], len(LESIONS), axis=2)
+    aug = build_augment(AugmentConfig(preset="paper"), PX, seed=1)
+    geometric = [t for t in _walk(aug.compose) if isinstance(t, A.DualTransform)]
+    assert len(geometric) == 7
+    for t in geometric:
+        for trial in range(6):
+            out = t(image=image, mask=mask, force_apply=True)
+            seen = out["image"][..., 0] > 127
+            assert out["mask"].shape == mask.shape and set(np.unique(out["mask"])) <= {0, 1}
+            for c in range(len(LESIONS)):
+                assert _iou(seen, out["mask"][..., c] == 1) > 0.9, (type(t).__name__, trial, c)
+    # The check can fail: a mask left behind by a flip does not line up.
+    flipped = A.HorizontalFlip(p=1.0)(image=image)["image"][..., 0] > 127
+    assert _iou(flipped, pattern == 1) < 0.5
+
+
+def test_photometric_transforms_leave_the_mask_untouched():
+    image, mask = _sample()
+    aug = build_augment(AugmentConfig(preset="paper"), PX, seed=2)
+    photometric = [t for t in _walk(aug.compose) if isinstance(t, A.ImageOnlyTransform)]
+    assert {type(t).__name__ for t in photometric} == {
+        "RandomBrightnessContrast", "RandomGamma", "HueSaturationValue", "GaussNoise", "GaussianBlur"
+    }  # fmt: skip
+    for t in photometric:
+        out = t(image=image, mask=mask, force_apply=True)
+        assert np.array_equal(out["mask"], mask), type(t).__name__
+        assert not np.array_equal(out["image"], image), type(t).__name__
+
+
+def test_whole_paper_pipeline_keeps_alignment_binary_masks_shapes_and_dtypes():
+    pattern = _pattern()
+    image = np.repeat(pattern[..., None] * 200 + 20, 3, axis=2).astype(np.uint8)
+    mask = np.repeat(pattern[..., None], len(LESIONS), axis=2)
+    aug = build_augment(AugmentConfig(preset="paper", strength=2.0), PX, seed=3)
+    for trial in range(25):
+        out_image, out_mask = aug(image, mask)
+        assert out_image.shape == (PX, PX, 3) and out_image.dtype == np.uint8
+        assert out_mask.shape == (PX, PX, len(LESIONS)) and out_mask.dtype == np.uint8
+        assert set(np.unique(out_mask)) <= {0, 1}
+        seen = out_image.mean(axis=2) > 120
+        for c in range(len(LESIONS)):
+            assert _iou(seen, out_mask[..., c] == 1) > 0.85, (trial, c)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    aug = build_augment(AugmentConfig(preset="light"), PX)
+    image, mask = _sample(px=64)
+    with pytest.raises(ValueError, match="data.image_px=128"):
+        aug(image, mask)
+
+
+# ------------------------------------------------------------------------------------------------------- seeding
+def _run(aug, n: int = 6) -> list[np.ndarray]:
+    image, mask = _sample()
+    outs = []
+    for _ in range(n):
+        out_image, out_mask = aug(image, mask)
+        outs.extend([out_image, out_mask])
+    return outs
+
+
+def test_same_seed_same_stream_other_seed_other_stream():
+    cfg = AugmentConfig(preset="paper", strength=1.5)
+    first = _run(build_augment(cfg, PX, seed=7))
+    again = _run(build_augment(cfg, PX, seed=7))
+    other = _run(build_augment(cfg, PX, seed=8))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    aug = build_augment(cfg, PX)
+    seed_augment(aug, 7)  # reseeding an existing pipeline restarts the same stream
+    assert all(np.array_equal(a, b) for a, b in zip(first, _run(aug)))
+    clone = pickle.loads(pickle.dumps(aug))  # spawn-started workers receive a pickled copy
+    seed_augment(clone, 7)
+    assert all(np.array_equal(a, b) for a, b in zip(first, _run(clone)))
+
+
+def test_seeded_flips_fire_independently():
+    """Compose(seed=…) gives each transform an identical stream, so both flips always fire together; ours not."""
+    pattern = _pattern()
+    aug = build_augment(AugmentConfig(preset="light"), PX, seed=3)
+    aug.compose.transforms[2].p = 0.0  # flips only: four outcomes, each ≈ 1/4
+    mask = np.zeros((PX, PX, len(LESIONS)), np.uint8)
+    views = {"none": pattern, "h": pattern[:, ::-1], "v": pattern[::-1], "both": pattern[::-1, ::-1]}
+    outcomes = Counter()
+    for _ in range(200):
+        out = aug(np.repeat(pattern[..., None], 3, axis=2), mask)[0][..., 0]
+        outcomes.update(name for name, view in views.items() if np.array_equal(out, view))
+    assert sum(outcomes.values()) == 200 and len(outcomes) == 4 and min(outcomes.values()) > 25, outcomes
+
+
+def test_worker_seeds_differ_per_seed_epoch_rank_worker_and_are_stable():
+    grid = [(s, e, r, w) for s in range(2) for e in range(3) for r in range(3) for w in range(4)]
+    seeds = [worker_seed(*key) for key in grid]
+    assert len(set(seeds)) == len(grid)
+    assert seeds == [worker_seed(*key) for key in grid]
+    assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError, match="rank"):
+        worker_seed(0, 0, -1, 0)
+
+
+# ----------------------------------------------------------------------------------------------------- normalize
+def test_normalize_values_dtype_and_memory_format():
+    image = torch.randint(0, 256, (2, 3, 8, 6), dtype=torch.uint8)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (image.double() / 255 - mean.double()) / std.double()
+    out = normalize(image)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    assert normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))[0, :, 0, 0].tolist() == pytest.approx(
+        [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], abs=1e-6
+    )
+    out_cl = normalize(image.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(1, 3, 4, 4), torch.zeros(3, 4, 4, dtype=torch.uint8),
+                                 torch.zeros(1, 4, 4, 4, dtype=torch.uint8)])  # fmt: skip
+def test_normalize_rejects_anything_but_uint8_bchw_rgb(bad):
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(bad)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + albumentations: 5-20 s on a busy 2-core machine
+def test_import_does_not_contact_the_network(tmp_path):
+    probe = (
+        "import urllib.request\n"
+        "calls = []\n"
+        "def fake_open(self, *args, **kwargs):\n"
+        "    calls.append(args)\n"
+        "    raise OSError('no network in tests')\n"
+        "urllib.request.OpenerDirector.open = fake_open\n"
+        "import hpc_drseg.data.augment\n"
+        "import os\n"
+        "assert not calls, calls\n"
+        "assert os.environ['NO_ALBUMENTATIONS_UPDATE'] == '1'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
