@@ -122,11 +122,6 @@ class EncodedSample(NamedTuple):
 
 def encode_sample(files: SampleFiles, split: str, image_px: int, allow_missing_masks: bool) -> EncodedSample:
     """Reads, resizes and encodes one sample (runs in a pool worker)."""
-    if "." in files.id:
-        raise ValueError(
-            f"image {files.image}: its id '{files.id}' holds a '.', which WebDataset reads as an "
-            "extension separator; rename the image and its masks without dots"
-        )
     sample = read_sample(files, allow_missing_masks)
     mask_small = resize_mask(sample.masks, image_px)
     height, width = sample.image.shape[:2]
@@ -226,8 +221,14 @@ class _Options(NamedTuple):
 
 def _collect(ddr_root: Path, allow_missing_masks: bool) -> dict[str, list[SampleFiles]]:
     """Lists and validates every split before anything is written, so layout errors cost no work."""
-    splits = available_splits(ddr_root)
-    return {split: find_samples(ddr_root, split, allow_missing_masks) for split in splits}
+    samples = {split: find_samples(ddr_root, split, allow_missing_masks) for split in available_splits(ddr_root)}
+    for files in (f for split_files in samples.values() for f in split_files):
+        if "." in files.id:
+            raise ValueError(
+                f"image {files.image}: its id '{files.id}' holds a '.', which WebDataset reads as an extension "
+                "separator; rename the image and its masks without dots"
+            )
+    return samples
 
 
 def _check_args(out: Path, image_px: int, samples_per_shard: int, overwrite: bool) -> None:
