@@ -206,12 +206,23 @@ class TrainLoader:
         return self.steps
 
     def __iter__(self) -> Iterator[Batch]:
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
-        iterator = iter(loader)
-        try:
-            yield from itertools.islice(iterator, self.steps)
-        finally:
-            del iterator  # shuts the workers of the endless stream down
+        yield from _run(self.stream, self.num_workers, self.steps)
+
+
+def _run(stream: IterableDataset, num_workers: int, limit: Optional[int]) -> Iterator[Batch]:
+    """Iterates a DataLoader over `stream` (at most `limit` batches) and always stops its workers on the way out.
+
+    Without the explicit shutdown, an error (or an endless training stream) would leave the workers to the garbage
+    collector, and the next loader's workers would fork a copy of the half-dead one.
+    """
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    iterator = iter(loader)
+    try:
+        yield from itertools.islice(iterator, limit)
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own cleanup (multi-process iterators only)
+        if shutdown is not None:
+            shutdown()
 
 
 def _identity(batch: Batch) -> Batch:
@@ -341,8 +352,7 @@ class EvalLoader:
         return sum(math.ceil(len(slot.ids) / self.stream.batch_size) for slot in self.stream.slots)
 
     def __iter__(self) -> Iterator[Batch]:
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
-        yield from loader
+        yield from _run(self.stream, self.num_workers, None)
 
 
 def build_eval_loader(

@@ -1,0 +1,221 @@
+"""Per-rank reading pipeline on real shards: batch format, reproducible order, equal steps on every rank, eval
+samples exactly once across ranks × workers, clear errors on damaged shards."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpc_drseg.constants import LESIONS
+from hpc_drseg.data.ddr import find_samples, read_sample
+from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader, decode_sample, steps_per_epoch
+from hpc_drseg.data.shards import iter_shard_samples, read_manifest, shard_groups
+
+
+def _train(shards_dir: Path, **overrides) -> list[Batch]:
+    args = dict(split="train", batch_size=2, rank=0, world_size=1, seed=0, epoch=0, num_workers=0)
+    args.update(overrides)
+    return list(build_train_loader(shards_dir, **args))
+
+
+def _same(a: list[Batch], b: list[Batch]) -> bool:
+    return len(a) == len(b) and all(
+        x.ids == y.ids and torch.equal(x.image, y.image) and torch.equal(x.mask, y.mask) for x, y in zip(a, b)
+    )
+
+
+def _stored(shards_dir: Path, split: str) -> dict:
+    info = read_manifest(shards_dir)["splits"][split]
+    return {
+        raw["__key__"]: decode_sample(raw, path)
+        for path, _ in shard_groups(shards_dir, info)
+        for raw in iter_shard_samples(path)
+    }
+
+
+@pytest.mark.parametrize(
+    "images, batch, world, steps",
+    [(383, 4, 1, 96), (383, 4, 2, 48), (757, 4, 8, 24), (8, 4, 2, 1), (1, 4, 4, 1), (9, 2, 2, 3)],
+)
+def test_steps_per_epoch(images: int, batch: int, world: int, steps: int) -> None:
+    assert steps_per_epoch(images, batch, world) == steps
+
+
+def test_steps_per_epoch_rejects_zero() -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        steps_per_epoch(10, 0, 1)
+
+
+def test_train_batches_hold_uint8_images_and_binary_mask_planes(shards_dir: Path) -> None:
+    loader = build_train_loader(shards_dir, "train", 2, rank=0, world_size=1, seed=0, epoch=0, num_workers=0)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 4  # 8 images / (2 × 1)
+    stored = _stored(shards_dir, "train")
+    for batch in batches:
+        assert isinstance(batch, Batch) and batch.native_masks is None
+        assert batch.image.shape == (2, 3, 128, 128) and batch.image.dtype == torch.uint8
+        assert batch.mask.shape == (2, len(LESIONS), 128, 128) and batch.mask.dtype == torch.uint8
+        assert set(batch.mask.unique().tolist()) <= {0, 1}
+        for i, sample_id in enumerate(batch.ids):
+            np.testing.assert_array_equal(batch.image[i].permute(1, 2, 0).numpy(), stored[sample_id].image)
+            np.testing.assert_array_equal(batch.mask[i].permute(1, 2, 0).numpy(), stored[sample_id].mask)
+    assert any(batch.mask.any() for batch in batches)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_same_arguments_same_batches_other_epoch_other_order(shards_dir: Path, num_workers: int) -> None:
+    first = _train(shards_dir, num_workers=num_workers, steps=6)
+    assert _same(first, _train(shards_dir, num_workers=num_workers, steps=6))
+    order = [b.ids for b in first]
+    assert order != [b.ids for b in _train(shards_dir, num_workers=num_workers, steps=6, epoch=1)]
+    assert order != [b.ids for b in _train(shards_dir, num_workers=num_workers, steps=6, seed=1)]
+
+
+def test_two_ranks_two_workers_get_equal_steps(shards_dir: Path) -> None:
+    for subset, steps in ((0, 2), (5, 2), (3, 1)):  # ceil(images / (2 × 2)); uneven subsets too
+        per_rank = [_train(shards_dir, rank=rank, world_size=2, num_workers=2, subset=subset) for rank in range(2)]
+        assert [len(batches) for batches in per_rank] == [steps, steps]
+        assert all(len(b.ids) == 2 for batches in per_rank for b in batches)
+    rank0, rank1 = (_train(shards_dir, rank=r, world_size=2, num_workers=2, steps=3) for r in range(2))
+    assert [b.ids for b in rank0] != [b.ids for b in rank1]
+
+
+def test_ranks_and_workers_read_disjoint_shards_within_a_pass(shards_dir: Path) -> None:
+    # 4 train shards of 2 = 2 ranks × 2 workers: with no shuffle buffer the first batch of each slot is one shard.
+    ids = []
+    for rank in range(2):
+        for batch in _train(shards_dir, rank=rank, world_size=2, num_workers=2, shuffle_buffer=1):
+            ids.extend(batch.ids)
+    assert sorted(ids) == read_manifest(shards_dir)["splits"]["train"]["ids"]
+
+
+def test_subset_uses_only_the_first_ids(shards_dir: Path) -> None:
+    first3 = read_manifest(shards_dir)["splits"]["train"]["ids"][:3]
+    batches = _train(shards_dir, subset=3, steps=5)
+    assert len(batches) == 5
+    assert {sample_id for b in batches for sample_id in b.ids} == set(first3)
+    assert len(build_train_loader(shards_dir, "train", 2, 0, 1, 0, 0, 0, subset=3)) == 2
+
+
+class _Invert:
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return 255 - image, mask[::-1, :, :]
+
+
+class _RandomFlip:
+    """Owns its generator, like the albumentations-based Augment; reseed() makes workers reproducible."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng()
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.rng.random() < 0.5:
+            return image[:, ::-1], mask[:, ::-1]
+        return image, mask
+
+
+def _global_rng_noise(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (image // 2 + np.random.randint(0, 100, image.shape)).astype(np.uint8), mask
+
+
+def test_augment_is_applied_to_image_and_mask(shards_dir: Path) -> None:
+    plain, inverted = _train(shards_dir), _train(shards_dir, augment=_Invert())
+    assert [b.ids for b in plain] == [b.ids for b in inverted]
+    for p, a in zip(plain, inverted):
+        assert torch.equal(a.image, 255 - p.image) and torch.equal(a.mask, p.mask.flip(2))
+
+
+@pytest.mark.parametrize("augment", [_RandomFlip, lambda: _global_rng_noise], ids=["reseed", "global-rng"])
+def test_random_augment_is_reproducible_in_workers(shards_dir: Path, augment) -> None:
+    one = _train(shards_dir, num_workers=2, steps=4, augment=augment())
+    assert _same(one, _train(shards_dir, num_workers=2, steps=4, augment=augment()))
+    plain = _train(shards_dir, num_workers=2, steps=4)
+    assert not _same(one, plain), "the augmentation changed nothing"
+
+
+def test_augment_must_keep_shapes(shards_dir: Path) -> None:
+    with pytest.raises(ValueError, match="augment changed the shapes"):
+        _train(shards_dir, augment=lambda image, mask: (image[:64], mask[:64]))
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 workers on a 2-core CI box
+@pytest.mark.parametrize(
+    "split, world, workers",
+    [("train", 2, 2), ("train", 3, 2), ("train", 1, 3), ("test", 2, 2), ("test", 3, 0), ("valid", 5, 2)],
+)
+def test_eval_yields_every_sample_exactly_once(shards_dir: Path, split: str, world: int, workers: int) -> None:
+    expected = read_manifest(shards_dir)["splits"][split]["ids"]
+    seen: Counter[str] = Counter()
+    for rank in range(world):
+        loader = build_eval_loader(shards_dir, split, 3, rank, world, workers, with_native=split != "train")
+        batches = list(loader)
+        assert len(loader) == len(batches) and loader.num_samples == sum(len(b.ids) for b in batches)
+        assert sorted(loader.ids) == sorted(i for b in batches for i in b.ids)
+        seen.update(i for b in batches for i in b.ids)
+    assert sorted(seen) == expected and set(seen.values()) == {1}
+
+
+def test_eval_native_masks_are_the_source_masks(ddr_root: Path, shards_dir: Path) -> None:
+    source = {files.id: read_sample(files).masks for files in find_samples(ddr_root, "test")}
+    for rank in range(2):
+        for batch in build_eval_loader(shards_dir, "test", 2, rank, 2, num_workers=2):
+            assert len(batch.native_masks) == len(batch.ids) == batch.image.shape[0]
+            for sample_id, native in zip(batch.ids, batch.native_masks):
+                assert isinstance(native, np.ndarray) and native.dtype == np.uint8
+                np.testing.assert_array_equal(native, source[sample_id].transpose(2, 0, 1))
+
+
+def test_single_rank_eval_batches_are_consecutive_in_id_order(shards_dir: Path) -> None:
+    batches = list(build_eval_loader(shards_dir, "train", 3, 0, 1, num_workers=0, with_native=False))
+    assert [len(b.ids) for b in batches] == [3, 3, 2]
+    assert [i for b in batches for i in b.ids] == read_manifest(shards_dir)["splits"]["train"]["ids"]
+
+
+def test_eval_without_native_masks_in_the_shards_is_refused(shards_dir: Path) -> None:
+    with pytest.raises(ValueError, match="with_native=False"):
+        build_eval_loader(shards_dir, "train", 2, 0, 1, 0)
+
+
+# -------------------------------------------------------------------------------------------------- errors
+@pytest.fixture
+def damaged(shards_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    for name in ("test-000001.tar", "train-000002.tar"):
+        data = (copy / name).read_bytes()
+        (copy / name).write_bytes(data[: len(data) // 2 + 100])
+    return copy
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_truncated_shard_is_an_error_naming_the_file(damaged: Path, num_workers: int) -> None:
+    with pytest.raises(ValueError, match=r"test-000001\.tar is unreadable or truncated"):
+        list(build_eval_loader(damaged, "test", 2, 0, 1, num_workers))
+    with pytest.raises(ValueError, match=r"train-000002\.tar is unreadable or truncated"):
+        _train(damaged, num_workers=num_workers, steps=8)
+
+
+def test_missing_manifest_or_shard_file(shards_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run `drseg shard"):
+        build_eval_loader(tmp_path, "test", 2, 0, 1, 0)
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    (copy / "train-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train-000001\.tar listed in .* is missing"):
+        build_train_loader(copy, "train", 2, 0, 1, 0, 0, 0)
+
+
+def test_bad_rank_or_split(shards_dir: Path) -> None:
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        build_train_loader(shards_dir, "train", 2, rank=2, world_size=2, seed=0, epoch=0, num_workers=0)
+    with pytest.raises(ValueError, match="split 'training'"):
+        build_eval_loader(shards_dir, "training", 2, 0, 1, 0)
