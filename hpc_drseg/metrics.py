@@ -1,0 +1,357 @@
+"""Lesion-segmentation metrics of the two evaluation protocols in SPEC.md (Jithesh et al., ICMLA 2025, Table I).
+
+Counts first, reductions last (as SMP's metrics/functional.py): each class keeps only summable tensors (per-batch sums,
+TP/FP/FN counts, score histograms) that ranks add up with one all-reduce; `compute()` turns them into AP/IoU/… .
+Threshold rule, everywhere: a pixel is predicted positive iff `prob > threshold` (as the DDR evaluation code does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hpc_drseg.constants import LESIONS
+
+# Thresholds of the standard protocol's 11-point AUPR (DDR evaluation code: np.linspace(0, 1, 11), `prob > t`).
+AUPR_THRESHOLDS: tuple[float, ...] = tuple(k / 10 for k in range(11))
+# Above 2**24 bins, float32 score × bins is no longer exact in float64 and the slot arithmetic below breaks.
+MAX_BINS = 2**24
+
+ReduceSum = Callable[[Tensor], Optional[Tensor]]
+
+
+# ------------------------------------------------------------------------------------------------- input checks
+def check_inputs(probs: Tensor, target: Tensor, where: str) -> tuple[Tensor, Tensor]:
+    """Validates a (B, 4, H, W) pair; returns (float32 probs, bool target).
+
+    Scores are compared in float32 (half types upcast exactly; float64 is rounded), so both protocols and every
+    threshold see the same values. Integer/bool masks: > 0 is lesion (SPEC); float masks must hold only 0 and 1.
+    """
+    shape = (len(probs.shape) == 4) and probs.shape[1] == len(LESIONS)
+    if not shape or probs.shape != target.shape:
+        raise ValueError(
+            f"{where}: probs {tuple(probs.shape)} and target {tuple(target.shape)} must both be "
+            f"(B, {len(LESIONS)}, H, W), one channel per lesion {LESIONS}; resize probs to the mask size first"
+        )
+    if not probs.dtype.is_floating_point:
+        raise ValueError(f"{where}: probs must be a floating-point tensor, got {probs.dtype}; pass sigmoid(logits)")
+    probs = probs.detach().float()
+    if probs.numel() == 0:
+        raise ValueError(f"{where}: empty batch {tuple(probs.shape)}; every update needs at least one pixel")
+    lo, hi = torch.aminmax(probs)
+    if not (lo.item() >= 0.0 and hi.item() <= 1.0):  # NaN fails both comparisons
+        raise ValueError(
+            f"{where}: probs must lie in [0, 1], got min {lo.item():.4g}, max {hi.item():.4g}; "
+            "pass sigmoid(logits), not logits (and check for NaN)"
+        )
+    return probs, _as_bool_target(target.detach(), where)
+
+
+def _as_bool_target(target: Tensor, where: str) -> Tensor:
+    if target.dtype == torch.bool:
+        return target
+    if not target.dtype.is_floating_point:
+        return target > 0
+    if not bool(((target == 0) | (target == 1)).all()):
+        raise ValueError(f"{where}: a float target must hold only 0 and 1 (binary masks); threshold soft masks first")
+    return target > 0.5
+
+
+def check_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"eval.threshold: got {threshold}; use a probability in [0, 1] (paper: 0.5)")
+    return float(threshold)
+
+
+# ------------------------------------------------------------------------------------------ functional: counts
+def confusion_counts(probs: Tensor, target: Tensor, threshold: float) -> Tensor:
+    """(B, C, H, W) float probs + bool target → (C, 3) int64 [TP, FP, FN] per channel, pred = probs > threshold."""
+    rows = []
+    for c in range(probs.shape[1]):  # count_nonzero per channel: ≈5× faster than bool.sum over dims (0, 2, 3)
+        pred, truth = probs[:, c] > threshold, target[:, c]
+        tp = torch.count_nonzero(pred & truth)
+        rows.append(torch.stack([tp, torch.count_nonzero(pred) - tp, torch.count_nonzero(truth) - tp]))
+    return torch.stack(rows)
+
+
+def iou_from_counts(counts: Tensor) -> Tensor:
+    """(C, 3) [TP, FP, FN] → (C,) float64 IoU = TP / (TP + FP + FN); 1 where prediction and truth are both empty."""
+    tp, fp, fn = counts.double().unbind(-1)
+    union = tp + fp + fn
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.ones_like(tp))
+
+
+def dice_from_counts(counts: Tensor) -> Tensor:
+    """(C, 3) [TP, FP, FN] → (C,) float64 Dice = 2TP / (2TP + FP + FN); 1 where both are empty."""
+    tp, fp, fn = counts.double().unbind(-1)
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.ones_like(tp))
+
+
+def average_precision(scores: Tensor, target: Tensor) -> Tensor:
+    """Exact step-wise AP along the last dim of (C, N) scores / bool target → (C,) float64; NaN where no positive.
+
+    sklearn's definition: AP = Σ_n (R_n − R_{n−1}) P_n over the distinct scores, highest first; tied scores form one
+    threshold. Each tie group's ΔTP is weighted by the precision at the group's last (lowest-ranked) pixel.
+    """
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    tps = torch.gather(target, -1, order).long().cumsum(-1)
+    group_end = torch.ones_like(sorted_scores, dtype=torch.bool)
+    group_end[..., :-1] = sorted_scores[..., 1:] != sorted_scores[..., :-1]
+    tps_at_end = torch.where(group_end, tps, torch.zeros_like(tps))
+    # tps never decreases, so a running max of the group-end values is "TP count at the previous group end".
+    prev_end = torch.nn.functional.pad(torch.cummax(tps_at_end, -1).values[..., :-1], (1, 0))
+    delta_tp = torch.where(group_end, tps - prev_end, torch.zeros_like(tps)).double()
+    rank = torch.arange(1, scores.shape[-1] + 1, device=scores.device, dtype=torch.float64)
+    return (delta_tp * tps.double() / rank).sum(-1) / tps[..., -1].double()
+
+
+# --------------------------------------------------------------------------------------- functional: histograms
+def slot_edges(bins: int, device: torch.device | str = "cpu") -> Tensor:
+    """float32 edges e_j = j / bins, j = 0..bins. Slot 0 holds scores ≤ 0; slot j ≥ 1 holds e_{j−1} < s ≤ e_j."""
+    return (torch.arange(bins + 1, dtype=torch.float64, device=device) / bins).float()
+
+
+def score_slots(probs: Tensor, edges: Tensor) -> Tensor:
+    """Slot index (int32) of each float32 score in [0, 1], equal to torch.bucketize(probs, edges) but ≈3× faster.
+
+    float32 × bins is exact in float64, so its ceiling is the slot w.r.t. the real edges j / bins. It can differ from
+    the float32 edges only where a score equals a rounded-up edge e_{j}: such a score belongs to slot j, not j + 1.
+    """
+    bins = edges.numel() - 1
+    slots = (probs.double() * bins).ceil_().to(torch.int32)
+    prev_edge = torch.cat([edges.new_full((1,), -math.inf), edges[:-1]])  # prev_edge[j] = e_{j−1}
+    on_edge = probs.reshape(-1) == prev_edge.index_select(0, slots.reshape(-1))
+    return slots.reshape(-1).sub_(on_edge.to(torch.int32))
+
+
+def score_histograms(probs: Tensor, target: Tensor, edges: Tensor) -> Tensor:
+    """(B, C, H, W) float32 probs + bool target → (C, 2, bins + 1) int64 counts; [:, 0] negatives, [:, 1] positives.
+
+    One channel at a time keeps the int temporaries at one channel's size (≈9 M pixels for a 4-image native batch).
+    """
+    n_slots = edges.numel()
+    rows = []
+    for c in range(probs.shape[1]):
+        slots = score_slots(probs[:, c].contiguous(), edges)
+        keys = slots.add_(target[:, c].reshape(-1), alpha=n_slots)  # positives go to slots S..2S−1
+        rows.append(torch.bincount(keys, minlength=2 * n_slots).view(2, n_slots))
+    return torch.stack(rows)
+
+
+def edge_index(threshold: float, bins: int) -> Optional[int]:
+    """j with threshold == j / bins in float64 (then `probs > threshold` ⇔ slot > j, exactly), else None."""
+    j = round(threshold * bins)
+    return j if j / bins == threshold else None
+
+
+def histogram_counts(hist: Tensor, edge: int) -> Tensor:
+    """(C, 2, S) counts → (C, 3) int64 [TP, FP, FN] for pred = score > e_edge (slot > edge)."""
+    tp = hist[:, 1, edge + 1 :].sum(-1)
+    fp = hist[:, 0, edge + 1 :].sum(-1)
+    fn = hist[:, 1, : edge + 1].sum(-1)
+    return torch.stack([tp, fp, fn], dim=1)
+
+
+def histogram_average_precision(hist: Tensor) -> Tensor:
+    """(C, 2, S) slot counts → (C,) float64 AP, each slot one threshold (sklearn's definition); NaN if no positive."""
+    pos = hist[:, 1].flip(-1)  # highest scores first
+    tps = pos.cumsum(-1)
+    predicted = tps + hist[:, 0].flip(-1).cumsum(-1)
+    precision = tps.double() / predicted.clamp_min(1).double()  # clamp only touches slots with ΔTP = 0
+    return (pos.double() * precision).sum(-1) / tps[:, -1].double()
+
+
+def histogram_pr_points(hist: Tensor, thresholds: tuple[float, ...] = AUPR_THRESHOLDS) -> tuple[Tensor, Tensor]:
+    """(C, 2, S) counts → (precision, recall), each (C, len(thresholds)) float64, pred = score > t exactly.
+
+    Each t must be an edge (t · bins an integer). Nothing predicted → precision 1; no positive → recall NaN.
+    """
+    bins = hist.shape[-1] - 1
+    edge_idx = [edge_index(t, bins) for t in thresholds]
+    if None in edge_idx:
+        raise ValueError(f"PR thresholds {thresholds} must be multiples of 1/{bins} (histogram edges)")
+    # above[:, :, j] = count of scores in slots ≥ j; score > e_j ⇔ slot ≥ j + 1.
+    above = torch.nn.functional.pad(hist.flip(-1).cumsum(-1).flip(-1), (0, 1))
+    at = torch.tensor([j + 1 for j in edge_idx], device=hist.device)
+    fp, tp = above[:, 0, at].double(), above[:, 1, at].double()
+    positives = hist[:, 1].sum(-1, keepdim=True).double()
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), torch.ones_like(tp))
+    recall = tp / positives  # NaN where the split has no positive pixel
+    return precision, recall
+
+
+def trapezoid_aupr(precision: Tensor, recall: Tensor) -> Tensor:
+    """(C, K) PR points at increasing thresholds → (C,) area under precision(recall) by the trapezoid rule."""
+    return ((recall[:, :-1] - recall[:, 1:]) * (precision[:, :-1] + precision[:, 1:]) / 2).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------- results
+def per_lesion(values: Tensor) -> dict[str, float]:
+    return {lesion: float(v) for lesion, v in zip(LESIONS, values.tolist())}
+
+
+def lesion_mean(values: dict[str, float]) -> float:
+    """Mean over lesions, skipping NaN (a lesion absent from the whole split); NaN if every lesion is NaN."""
+    defined = [v for v in values.values() if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+# ------------------------------------------------------------------------------------------------ shared state
+class _SummableState:
+    """State = a dict of tensors that ranks add up element-wise; subclasses define `_empty_state()`."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.reset()
+
+    def _empty_state(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self._state = self._empty_state()
+
+    def to(self, device: torch.device | str):
+        """Moves the state (e.g. to the rank's GPU before an NCCL all-reduce); returns self."""
+        self.device = torch.device(device)
+        self._state = {k: v.to(self.device) for k, v in self._state.items()}
+        return self
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Copies of the summable state: the sum of two objects' states is the state of one fed both inputs."""
+        return {k: v.clone() for k, v in self._state.items()}
+
+    def load_state_tensors(self, state: Mapping[str, Tensor]) -> None:
+        """Replaces the state, e.g. by an element-wise sum of several objects' `state_tensors()`."""
+        expected = self._empty_state()
+        if set(state) != set(expected):
+            raise ValueError(f"{type(self).__name__}: state keys {sorted(state)} != expected {sorted(expected)}")
+        for k, ref in expected.items():
+            if tuple(state[k].shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"{type(self).__name__}: state[{k!r}] has shape {tuple(state[k].shape)}, expected "
+                    f"{tuple(ref.shape)} (was it made with other bins?)"
+                )
+        self._state = {k: state[k].detach().to(self.device, ref.dtype).clone() for k, ref in expected.items()}
+
+    def sync(self, reduce_sum: ReduceSum) -> None:
+        """Sums the state across ranks; call once, on every rank, before `compute()`.
+
+        `reduce_sum(t)` either reduces in place and returns None (`torch.distributed.all_reduce`) or returns the
+        summed tensor (Accelerate: `lambda t: accelerator.reduce(t, "sum")`). Tensors are visited in sorted-key order
+        so every rank issues the same collectives. The state's device must suit the backend (see `to()`).
+        """
+        for k in sorted(self._state):
+            reduced = reduce_sum(self._state[k])
+            if reduced is not None:
+                if tuple(reduced.shape) != tuple(self._state[k].shape):
+                    raise ValueError(f"sync: reduce_sum changed the shape of {k!r}; it must sum, not gather")
+                self._state[k] = reduced.to(device=self.device, dtype=self._state[k].dtype)
+
+
+# ----------------------------------------------------------------------------------------------------- protocols
+class PaperMetrics(_SummableState):
+    """Protocol 1 ("paper", Table I): per batch of 4 consecutive 512² test images and per lesion, exact AP over the
+    batch's pixels (0 when the batch has no positive pixel) and IoU at `threshold` (1 when prediction and truth are
+    both empty); reported values are means over batches. Biased (batch-dependent), but reproduces the paper.
+
+    One `update()` call is one batch. State: per-lesion sums of AP and IoU over batches, and the batch count.
+    """
+
+    def __init__(self, threshold: float = 0.5, device: torch.device | str = "cpu") -> None:
+        self.threshold = check_threshold(threshold)
+        super().__init__(device)
+
+    def _empty_state(self) -> dict[str, Tensor]:
+        n = len(LESIONS)
+        return {
+            "ap_sum": torch.zeros(n, dtype=torch.float64, device=self.device),
+            "iou_sum": torch.zeros(n, dtype=torch.float64, device=self.device),
+            "batches": torch.zeros((), dtype=torch.int64, device=self.device),
+        }
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        """Adds one batch: probs (B, 4, H, W) in [0, 1], target the binary masks of the same shape."""
+        probs, target = check_inputs(probs, target, "PaperMetrics.update")
+        n = len(LESIONS)
+        scores = probs.transpose(0, 1).reshape(n, -1)  # (4, B·H·W): AP pools the batch's pixels per lesion
+        truth = target.transpose(0, 1).reshape(n, -1)
+        ap = average_precision(scores, truth).nan_to_num(nan=0.0)  # paper: a batch without positives scores 0
+        iou = iou_from_counts(confusion_counts(probs, target, self.threshold))
+        self._state["ap_sum"] += ap.to(self.device)
+        self._state["iou_sum"] += iou.to(self.device)
+        self._state["batches"] += 1
+
+    def compute(self) -> dict:
+        """{"AP": {lesion: x}, "IoU": {…}, "mAP": x, "mIoU": x} as Python floats (means over batches)."""
+        batches = int(self._state["batches"])
+        if batches == 0:
+            raise ValueError("PaperMetrics.compute: no batch was added; call update() (and sync() on every rank)")
+        ap = per_lesion(self._state["ap_sum"] / batches)
+        iou = per_lesion(self._state["iou_sum"] / batches)
+        return {"AP": ap, "IoU": iou, "mAP": lesion_mean(ap), "mIoU": lesion_mean(iou)}
+
+
+class StandardMetrics(_SummableState):
+    """Protocol 2 ("standard", later DDR work): counts over the whole split at native resolution, per lesion.
+
+    AP (sklearn's definition, each of `bins` + 1 score slots one threshold), 11-point AUPR (thresholds 0, 0.1, …, 1,
+    trapezoid rule, exact because they are slot edges), IoU and Dice at `threshold` from exact TP/FP/FN counts (read
+    off the histogram when `threshold` is a slot edge, as 0.5 is; counted directly otherwise).
+    A lesion with no positive pixel in the split has AP = AUPR11 = NaN, skipped by mAP / mAUPR11.
+    State: int64 score histograms (C, 2, bins + 1) and TP/FP/FN counts (C, 3); exact up to 2**63 pixels.
+    """
+
+    def __init__(self, threshold: float = 0.5, bins: int = 10000, device: torch.device | str = "cpu") -> None:
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 10 or bins % 10 or bins > MAX_BINS:
+            raise ValueError(
+                f"eval.histogram_bins: got {bins!r}; use a multiple of 10 (so 0, 0.1, …, 1 are bin edges) "
+                f"between 10 and {MAX_BINS}, e.g. 10000"
+            )
+        self.threshold = check_threshold(threshold)
+        self.bins = bins
+        self._threshold_edge = edge_index(self.threshold, bins)  # on an edge, TP/FP/FN come free from the histogram
+        self._edges: dict[torch.device, Tensor] = {}
+        super().__init__(device)
+
+    def _empty_state(self) -> dict[str, Tensor]:
+        n = len(LESIONS)
+        return {
+            "hist": torch.zeros((n, 2, self.bins + 1), dtype=torch.int64, device=self.device),
+            "counts": torch.zeros((n, 3), dtype=torch.int64, device=self.device),
+        }
+
+    def _edges_on(self, device: torch.device) -> Tensor:
+        if device not in self._edges:
+            self._edges[device] = slot_edges(self.bins, device)
+        return self._edges[device]
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        """Adds images: probs (B, 4, H, W) in [0, 1], already resized to the masks' native size; binary target."""
+        probs, target = check_inputs(probs, target, "StandardMetrics.update")
+        hist = score_histograms(probs, target, self._edges_on(probs.device))
+        if self._threshold_edge is None:
+            counts = confusion_counts(probs, target, self.threshold)
+        else:
+            counts = histogram_counts(hist, self._threshold_edge)
+        self._state["hist"] += hist.to(self.device)
+        self._state["counts"] += counts.to(self.device)
+
+    def compute(self) -> dict:
+        """{"AP", "AUPR11", "IoU", "Dice": {lesion: x}, "mAP", "mAUPR11", "mIoU", "mDice": x} as Python floats."""
+        hist = self._state["hist"]
+        if int(hist[0].sum()) == 0:
+            raise ValueError("StandardMetrics.compute: no pixel was added; call update() (and sync() on every rank)")
+        precision, recall = histogram_pr_points(hist)
+        values = {
+            "AP": per_lesion(histogram_average_precision(hist)),
+            "AUPR11": per_lesion(trapezoid_aupr(precision, recall)),
+            "IoU": per_lesion(iou_from_counts(self._state["counts"])),
+            "Dice": per_lesion(dice_from_counts(self._state["counts"])),
+        }
+        means = {f"m{name}": lesion_mean(per) for name, per in values.items()}
+        return {**values, **means}
