@@ -1,0 +1,117 @@
+"""Maps a ModelConfig to a model (Attention-DeepLab, DeepLab-V3+, U-Net), checks input sizes, and describes a model:
+parameter counts, training FLOPs per image, output shape, the CBAM implementation that really runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from hpc_drseg.config import ModelConfig
+from hpc_drseg.constants import LESIONS
+from hpc_drseg.models.backbone import check_divisible
+from hpc_drseg.models.cbam import active_impl
+from hpc_drseg.models.deeplab import DeepLabV3Plus
+from hpc_drseg.models.unet import UNet
+
+MODEL_NAMES: tuple[str, ...] = ("attention_deeplab", "deeplabv3plus", "unet")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model named by cfg.name, on CPU in fp32, backbone loaded from cfg.pretrained_path when set.
+
+    "deeplabv3plus" has no CBAM whatever cfg.cbam.sites says; "attention_deeplab" puts CBAM at cfg.cbam.sites
+    ([] gives the plain DeepLab-V3+). "unet" ignores the backbone/ASPP/aux/CBAM fields (warns if a pretrained_path
+    is set, since U-Net has no ImageNet encoder to load it into).
+    """
+    return _build(cfg, cbam_impl=cfg.cbam.impl, load_weights=True)
+
+
+def _build(cfg: ModelConfig, cbam_impl: str, load_weights: bool) -> nn.Module:
+    if cfg.name == "unet":
+        if cfg.pretrained_path is not None and load_weights:
+            warnings.warn(
+                f"model.pretrained_path={cfg.pretrained_path} is ignored: unet has no ImageNet backbone", stacklevel=3
+            )
+        return UNet(cfg.unet_base_width, cfg.unet_bilinear)
+    if cfg.name not in MODEL_NAMES:
+        raise ValueError(f"model.name: got {cfg.name!r}; choose one of {list(MODEL_NAMES)}")
+    return DeepLabV3Plus(
+        backbone=cfg.backbone,
+        pretrained_path=cfg.pretrained_path if load_weights else None,
+        output_stride=cfg.output_stride,
+        aspp_rates=tuple(cfg.aspp_rates),
+        separable=cfg.aspp_separable,
+        use_aux_head=cfg.use_aux_head,
+        cbam_sites=tuple(cfg.cbam.sites) if cfg.name == "attention_deeplab" else (),
+        cbam_reduction=cfg.cbam.reduction,
+        cbam_kernel_size=cfg.cbam.kernel_size,
+        cbam_impl=cbam_impl,  # type: ignore[arg-type]
+    )
+
+
+def input_stride(cfg: ModelConfig) -> int:
+    """Input sides must be multiples of this: the backbone's output stride (DeepLab) or 16 (U-Net's 4 poolings)."""
+    return UNet.stride if cfg.name == "unet" else cfg.output_stride
+
+
+def check_input_size(cfg: ModelConfig, height: int, width: int) -> None:
+    """Raises ValueError naming sizes that work unless height and width are multiples of the model's stride."""
+    check_divisible(height, width, input_stride(cfg), cfg.name)
+
+
+def uses_cbam(cfg: ModelConfig) -> bool:
+    return cfg.name == "attention_deeplab" and len(cfg.cbam.sites) > 0
+
+
+def describe_model(cfg: ModelConfig, image_px: int) -> dict[str, Any]:
+    """Facts about the configured model at image_px × image_px input, for `drseg info`.
+
+    Training GFLOPs per image: torch.utils.flop_counter.FlopCounterMode over forward + backward (of the sum of every
+    output, parameters requiring grad, the image not) of a batch of 2 in train mode, divided by 2. Batch 2 because
+    BatchNorm fails on batch 1 in train mode; train mode so the aux head (if any) counts. FLOP = 2 per multiply-add;
+    convolutions and matmuls only (elementwise ops, BN, pooling are not counted). The model for counting is built on
+    the meta device (no memory, no real compute, so 512² takes about a second) with eager CBAM (same arithmetic).
+    """
+    check_input_size(cfg, image_px, image_px)
+    with torch.device("meta"):
+        model = _build(cfg, cbam_impl="eager", load_weights=False)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops, out_shape = _training_flops(model, image_px)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe = torch.empty(0, device=device)
+    return {
+        "name": cfg.name,
+        "backbone": None if cfg.name == "unet" else cfg.backbone,
+        "output_stride": input_stride(cfg),
+        "image_px": image_px,
+        "params_total": total,
+        "params_trainable": trainable,
+        "train_gflops_per_image": flops / 1e9,
+        "gflops_method": "FlopCounterMode, train mode, batch 2 forward+backward / 2, meta device",
+        "output_shape": list(out_shape),
+        "output_channels": list(LESIONS),
+        "cbam_sites": list(cfg.cbam.sites) if uses_cbam(cfg) else [],
+        "cbam_impl_requested": cfg.cbam.impl if uses_cbam(cfg) else None,
+        "cbam_impl_active": active_impl(cfg.cbam.impl, probe) if uses_cbam(cfg) else None,
+        "cbam_impl_device": str(device) if uses_cbam(cfg) else None,
+        "aux_head": cfg.use_aux_head and cfg.name != "unet",
+    }
+
+
+def _training_flops(model: nn.Module, image_px: int) -> tuple[int, tuple[int, ...]]:
+    """(FLOPs per image of one training step, output logits shape for batch 1) of a meta-device model."""
+    model.train()
+    image = torch.empty(2, 3, image_px, image_px, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(image)
+        outputs = list(out.values()) if isinstance(out, dict) else [out]
+        sum(o.float().sum() for o in outputs).backward()
+    logits = out["logits"] if isinstance(out, dict) else out
+    return counter.get_total_flops() // 2, (1, *logits.shape[1:])
