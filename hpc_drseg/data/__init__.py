@@ -1,0 +1,1 @@
+"""Data: reading the DDR layout, synthetic DDR-like data, WebDataset shards, augmentation."""

@@ -1,0 +1,234 @@
+"""Synthetic DDR-like data: layout, file formats, determinism, lesion statistics, atomic writing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hpc_drseg.constants import LESIONS, SPLITS
+from hpc_drseg.data import synth
+from hpc_drseg.data.synth import PREVALENCE, render_fundus, write_synthetic_ddr
+
+COUNTS = {"train": 3, "valid": 2, "test": 2}
+SIZE_PX = 128
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert mask is not None, path
+    return mask
+
+
+def _image_ids(root: Path, split: str) -> list[str]:
+    return sorted(p.stem for p in (root / "lesion_segmentation" / split / "image").glob("*.jpg"))
+
+
+def _mask_paths(root: Path) -> list[Path]:
+    return sorted((root / "lesion_segmentation").glob("*/label/*/*"))
+
+
+def _temp_siblings(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.*"))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "ddr"
+    return write_synthetic_ddr(out, COUNTS, SIZE_PX, seed=3, progress=False, workers=1)
+
+
+# ------------------------------------------------------------------------------------------------ layout, formats
+def test_layout_and_file_counts(tree: Path) -> None:
+    assert sorted(p.name for p in (tree / "lesion_segmentation").iterdir()) == sorted(SPLITS)
+    all_ids = []
+    for split, count in COUNTS.items():
+        folder = tree / "lesion_segmentation" / split
+        ids = _image_ids(tree, split)
+        assert len(ids) == count
+        assert sorted(p.name for p in (folder / "label").iterdir()) == sorted(LESIONS)
+        for lesion in LESIONS:
+            assert sorted(p.stem for p in (folder / "label" / lesion).iterdir()) == ids  # four masks per image
+        all_ids += ids
+    assert len(set(all_ids)) == len(all_ids)
+    assert all(re.fullmatch(r"\d{3}-\d{4}-\d{3}", image_id) for image_id in all_ids)
+
+
+def test_both_mask_formats_and_one_format_per_image(tree: Path) -> None:
+    suffixes = {p.suffix for p in _mask_paths(tree)}
+    assert suffixes == {".tif", ".png"}
+    for split in COUNTS:
+        for image_id in _image_ids(tree, split):
+            found = {p.suffix for p in (tree / "lesion_segmentation" / split / "label").glob(f"*/{image_id}.*")}
+            assert len(found) == 1
+
+
+def test_masks_are_binary_single_channel_and_match_image_size(tree: Path) -> None:
+    for split in COUNTS:
+        for image_id in _image_ids(tree, split):
+            image = cv2.imread(str(tree / "lesion_segmentation" / split / "image" / f"{image_id}.jpg"))
+            assert image.ndim == 3 and image.shape[2] == 3
+            assert min(image.shape[:2]) >= synth.MIN_SIDE_PX
+            for path in (tree / "lesion_segmentation" / split / "label").glob(f"*/{image_id}.*"):
+                mask = _read_mask(path)
+                assert mask.dtype == np.uint8 and mask.shape == image.shape[:2], path
+                assert set(np.unique(mask).tolist()) <= {0, 255}, path
+
+
+def test_images_are_saved_as_rgb_not_swapped(tree: Path) -> None:
+    # cv2 reads BGR: a fundus is orange-red, so the third channel must dominate the first inside the field of view.
+    for split in COUNTS:
+        for image_id in _image_ids(tree, split):
+            bgr = cv2.imread(str(tree / "lesion_segmentation" / split / "image" / f"{image_id}.jpg"))
+            fov = bgr.max(axis=2) > 40
+            assert bgr[..., 2][fov].mean() > 1.5 * bgr[..., 0][fov].mean()
+
+
+def test_sizes_vary_around_size_px(tmp_path: Path) -> None:
+    shapes = {synth._image_shape(np.random.default_rng(i), 512) for i in range(40)}
+    assert all(0.85 * 512 - 1 <= side <= 1.15 * 512 + 1 for shape in shapes for side in shape)
+    assert any(h != w for h, w in shapes) and any(h == w for h, w in shapes)
+    assert len(shapes) > 20
+
+
+# -------------------------------------------------------------------------------------------------- determinism
+def test_same_seed_same_files_whatever_the_workers(tree: Path, tmp_path: Path) -> None:
+    again = write_synthetic_ddr(tmp_path / "again", COUNTS, SIZE_PX, seed=3, progress=False, workers=2)
+    masks_a, masks_b = _mask_paths(tree), _mask_paths(again)
+    assert [p.relative_to(tree) for p in masks_a] == [p.relative_to(again) for p in masks_b]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(masks_a, masks_b))
+    for split in COUNTS:
+        assert _image_ids(tree, split) == _image_ids(again, split)
+        for image_id in _image_ids(tree, split):
+            rel = Path("lesion_segmentation", split, "image", f"{image_id}.jpg")
+            assert np.array_equal(cv2.imread(str(tree / rel)), cv2.imread(str(again / rel)))
+
+
+def test_different_seeds_differ(tree: Path, tmp_path: Path) -> None:
+    other = write_synthetic_ddr(tmp_path / "other", COUNTS, SIZE_PX, seed=4, progress=False, workers=1)
+    assert _image_ids(tree, "train") != _image_ids(other, "train")
+    first = [cv2.imread(str(p)) for p in sorted((tree / "lesion_segmentation/train/image").iterdir())]
+    second = [cv2.imread(str(p)) for p in sorted((other / "lesion_segmentation/train/image").iterdir())]
+    assert all(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_render_fundus_contract_and_determinism() -> None:
+    image, masks = render_fundus(np.random.default_rng(7), 150, 170)
+    assert image.shape == (150, 170, 3) and image.dtype == np.uint8
+    assert list(masks) == list(LESIONS)
+    assert all(m.shape == (150, 170) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255} for m in masks.values())
+    image2, masks2 = render_fundus(np.random.default_rng(7), 150, 170)
+    assert np.array_equal(image, image2) and all(np.array_equal(masks[k], masks2[k]) for k in LESIONS)
+    with pytest.raises(ValueError, match="64"):
+        render_fundus(np.random.default_rng(0), 32, 200)
+
+
+# --------------------------------------------------------------------------------------------- lesion statistics
+def _render_sample(n: int, size_px: int) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([11, 0, i])
+        out.append(render_fundus(rng, *synth._image_shape(rng, size_px)))
+    return out
+
+
+def test_lesions_are_sparse_and_prevalence_is_ddr_like() -> None:
+    sample = _render_sample(120, 96)
+    present = {k: np.mean([(m[k] > 0).any() for _, m in sample]) for k in LESIONS}
+    for lesion in LESIONS:  # DDR: MA 75 %, EX 64 %, SE 32 %, HE 79 % of images
+        assert abs(present[lesion] - PREVALENCE[lesion]) < 0.12, (lesion, present[lesion])
+    lesion_free = sum(not any((m[k] > 0).any() for k in LESIONS) for _, m in sample)
+    assert 1 <= lesion_free <= 0.1 * len(sample)
+
+
+def test_lesion_pixels_below_one_percent_at_realistic_size() -> None:
+    sample = _render_sample(16, 320)
+    lesion_px = sum(int(((m["MA"] | m["EX"] | m["SE"] | m["HE"]) > 0).sum()) for _, m in sample)
+    total_px = sum(image.shape[0] * image.shape[1] for image, _ in sample)
+    assert 0 < lesion_px / total_px < 0.01
+    # Lesions differ in colour from their surroundings, so a model can learn them: dark red MA/HE, bright EX/SE.
+    for lesion, brighter in (("MA", False), ("HE", False), ("EX", True), ("SE", True)):
+        inside, around = [], []
+        for image, masks in sample:
+            grey = image.mean(axis=2)
+            inside.append(grey[masks[lesion] > 0])
+            around.append(grey[cv2.dilate(masks[lesion], np.ones((9, 9), np.uint8)) > masks[lesion]])
+        inside, around = np.concatenate(inside), np.concatenate(around)
+        assert (inside.mean() > around.mean() + 15) if brighter else (inside.mean() < around.mean() - 15), lesion
+
+
+def test_lesions_lie_inside_the_field_of_view() -> None:
+    for image, masks in _render_sample(12, 256):
+        h, w = image.shape[:2]
+        assert image[[0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1]].max() < 20  # black corners outside the disc
+        points = cv2.findNonZero((image[..., 0] > 25).astype(np.uint8))
+        fov = np.zeros((h, w), np.uint8)
+        cv2.fillConvexPoly(fov, cv2.convexHull(points), 1)
+        for lesion in LESIONS:
+            assert not ((masks[lesion] > 0) & (fov == 0)).any(), lesion
+
+
+# ------------------------------------------------------------------------------------------- atomicity, errors
+def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "ddr"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_synthetic_ddr(out, {"train": 1}, 96, progress=False, workers=1)
+    assert (out / "keep.txt").read_text() == "mine" and _temp_siblings(out) == []
+    assert write_synthetic_ddr(out, {"valid": 2}, 96, progress=False, overwrite=True, workers=1) == out
+    assert not (out / "keep.txt").exists()
+    assert [p.name for p in (out / "lesion_segmentation").iterdir()] == ["valid"]  # splits with 0 are not written
+    assert len(_image_ids(out, "valid")) == 2 and _temp_siblings(out) == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failure_midway_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool) -> None:
+    out = tmp_path / "ddr"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    calls = []
+    real_write = synth._write_sample
+
+    def flaky_write(*args, **kwargs) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "_write_sample", flaky_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_synthetic_ddr(out, COUNTS, 96, progress=False, workers=1, overwrite=existing)
+    assert len(calls) == 3
+    assert _temp_siblings(out) == []
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_synthetic_ddr(tmp_path / "ddr", {"test": 1}, 96, progress=True, workers=1)
+    captured = capsys.readouterr()
+    assert "synth DDR" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"counts": {"train": 0, "valid": 0, "test": 0}}, "at least one split"),
+        ({"counts": {"training": 3}}, "unknown split"),
+        ({"counts": {"train": -1}}, "integer >= 0"),
+        ({"counts": {"train": 1}, "size_px": 40}, "size_px"),
+        ({"counts": {"train": 1}, "seed": -1}, "seed"),
+        ({"counts": {"train": 1}, "workers": 0}, "workers"),
+    ],
+)
+def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        write_synthetic_ddr(tmp_path / "ddr", progress=False, **kwargs)
+    assert not (tmp_path / "ddr").exists() and list(tmp_path.iterdir()) == []
