@@ -1,0 +1,109 @@
+"""`drseg eval`: score a trained run on a split with both protocols of SPEC.md, on any number of ranks.
+
+paper: the shards' resolution (512² for the paper), per batch of eval.batch_size consecutive images (Table I).
+standard: probabilities upsampled to each image's native size, counts summed over the whole split and all ranks.
+With several processes each rank scores its share of the shards; the paper protocol's batches are then formed
+within each rank's share, so reproduce Table I exactly with one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpc_drseg.config import RunConfig, atomic_write_text, config_from_dict, load_config
+from hpc_drseg.data.pipeline import build_eval_loader
+from hpc_drseg.metrics import histogram_pr_points
+from hpc_drseg.models import build_model
+from hpc_drseg.train import checkpoint as ckpt
+from hpc_drseg.train.runtime import build_accelerator
+from hpc_drseg.train.validate import collect_metrics
+
+log = logging.getLogger("hpc_drseg.evaluate")
+
+PR_CURVE_POINTS = tuple(i / 100 for i in range(101))
+
+
+def resolve_checkpoint(run_dir: Path, which: str) -> Path:
+    """best.pt by default; last.pt when no validation has improved yet (or when asked)."""
+    for name in ([which] if which != "auto" else ["best", "last"]):
+        path = ckpt.checkpoint_path(run_dir, name)
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no checkpoint in {run_dir / ckpt.CHECKPOINT_DIR}; train first: drseg train --config …")
+
+
+def run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory made by drseg train?")
+    return load_config(path, overrides)
+
+
+def load_model_weights(path: Path) -> tuple[torch.nn.Module, RunConfig, dict[str, Any]]:
+    state = ckpt.load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    return model, cfg, state
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", protocol: str = "both", which: str = "auto",
+                 overrides: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Scores RUN's checkpoint on `split`; writes RUN/eval_<split>.json and returns its content."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir, list(overrides or []))
+    path = resolve_checkpoint(run_dir, which)
+    model, _, state = load_model_weights(path)
+    accelerator = build_accelerator(cfg.train)
+    model = model.to(accelerator.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = build_eval_loader(
+        cfg.data.shards, split, cfg.eval.batch_size, accelerator.process_index, accelerator.num_processes,
+        cfg.data.num_workers, with_native=protocol in ("standard", "both"),
+    )  # fmt: skip
+    paper, standard, _ = collect_metrics(accelerator, model, loader, cfg, native=protocol != "paper")
+    result = {
+        "run": str(run_dir),
+        "checkpoint": str(path),
+        "epoch": state["progress"]["epoch"],
+        "split": split,
+        "processes": accelerator.num_processes,
+        "protocols": {},
+    }
+    if protocol in ("paper", "both"):
+        result["protocols"]["paper"] = paper.compute()
+    if protocol in ("standard", "both"):
+        result["protocols"]["standard"] = standard.compute()
+        result["pr_curves"] = _pr_curves(standard)
+    if accelerator.is_main_process:
+        atomic_write_text(run_dir / f"eval_{split}.json", json.dumps(_finite(result), indent=2))
+    accelerator.end_training()
+    return result
+
+
+def _pr_curves(standard) -> dict[str, dict[str, list[float]]]:
+    """Precision/recall at 101 thresholds per lesion, from the summed score histograms."""
+    precision, recall = histogram_pr_points(standard.state_tensors()["hist"].cpu(), PR_CURVE_POINTS)
+    from hpc_drseg.constants import LESIONS
+
+    return {
+        lesion: {"precision": precision[i].tolist(), "recall": recall[i].tolist()} for i, lesion in enumerate(LESIONS)
+    }
+
+
+def _finite(node: Any) -> Any:
+    """JSON has no NaN: a lesion absent from the split is written as null."""
+    if isinstance(node, dict):
+        return {k: _finite(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_finite(v) for v in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    return node

@@ -1,0 +1,1 @@
+"""Training: the Accelerate-driven trainer (the only package part that imports accelerate), checkpoints, signals."""

@@ -1,0 +1,73 @@
+"""Process layout: the Accelerator for CPU / one GPU / DDP / DeepSpeed, seeding, and device-side batch preparation.
+
+ENV-NOTES traps handled here: without CUDA, DDP needs `Accelerator(cpu=True)` (else ranks silently drift apart),
+but `cpu=True` silently drops DeepSpeed, which instead needs an explicit gloo process group on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
+
+from hpc_drseg.config import TrainConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def uses_deepspeed() -> bool:
+    """`accelerate launch` with a DeepSpeed config sets this for every process."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def build_accelerator(cfg: TrainConfig) -> "Accelerator":
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = cfg.cpu or not torch.cuda.is_available()
+    if cfg.precision == "fp16" and on_cpu:
+        raise ValueError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 (or no) on CPU")
+    handlers = []
+    if on_cpu:
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    kwargs = dict(
+        mixed_precision=cfg.precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        kwargs_handlers=handlers,
+    )
+    if not uses_deepspeed():
+        kwargs["cpu"] = on_cpu
+    return Accelerator(**kwargs)
+
+
+def configure_deepspeed(accelerator: "Accelerator", cfg: TrainConfig) -> None:
+    """Our config owns micro-batch and precision; DeepSpeed's "auto" batch would need a DataLoader in prepare()."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    if cfg.precision == "bf16":
+        # DeepSpeed casts parameters only; BatchNorm running stats must follow or forward fails on dtype mismatch.
+        plugin.deepspeed_config["data_types"] = {"buffer_dtype": "bf16"}
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def set_debug_mode() -> None:
+    """Deterministic kernels and autograd anomaly detection: slow, but points at the op that produced a NaN."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.autograd.set_detect_anomaly(True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.benchmark = False
+
+
+def model_input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """DeepSpeed bf16/fp16 casts the weights themselves (no autocast): inputs must then match them."""
+    return next(model.parameters()).dtype

@@ -1,0 +1,45 @@
+"""Graceful stop on SIGTERM / SIGUSR2 (SLURM's pre-timeout signal): finish the step, checkpoint, exit resumable.
+
+The handler only raises a flag; the trainer polls it at step boundaries and agrees on it across ranks, so every
+rank stops after the same step (a rank that stopped alone would hang the others in the next collective).
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Optional
+
+# Exit status of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL): "resumable, run me again".
+EXIT_RESUMABLE = 75
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR2 (or by hand); remembers which signal came first."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def request(self, name: str = "manual") -> None:
+        if self.signal_name is None:
+            self.signal_name = name
+
+    def _handle(self, signum: int, _frame: Optional[FrameType]) -> None:
+        self.request(signal.Signals(signum).name)
+
+    def install(self) -> "StopFlag":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()

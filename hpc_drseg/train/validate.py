@@ -1,0 +1,114 @@
+"""Scoring a model over an evaluation loader on every rank, then summing the metric state across ranks.
+
+Used by the trainer (validation at training resolution) and by `drseg eval` (paper protocol at the shards'
+resolution, standard protocol at each image's native resolution).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from hpc_drseg.config import RunConfig
+from hpc_drseg.constants import LESIONS
+from hpc_drseg.data.augment import normalize
+from hpc_drseg.data.pipeline import Batch
+from hpc_drseg.losses import CombinedLoss
+from hpc_drseg.metrics import PaperMetrics, StandardMetrics
+from hpc_drseg.train.runtime import model_input_dtype
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def split_output(output: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Models return logits, or {"logits", "aux"} when the auxiliary head is on and the model is training."""
+    if isinstance(output, dict):
+        return output["logits"], output.get("aux")
+    return output, None
+
+
+def _native_update(metric: StandardMetrics, probs: torch.Tensor, native_masks: list) -> None:
+    """Upsamples each image's probabilities to its native size and scores them against the original masks."""
+    for prob, native in zip(probs, native_masks):
+        target = torch.from_numpy(native).to(prob.device)
+        resized = F.interpolate(prob[None], size=target.shape[-2:], mode="bilinear", align_corners=False)
+        metric.update(resized.clamp_(0, 1), target[None])
+
+
+@torch.no_grad()
+def collect_metrics(
+    accelerator: "Accelerator",
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    cfg: RunConfig,
+    native: bool,
+    loss_fn: Optional[CombinedLoss] = None,
+) -> tuple[PaperMetrics, StandardMetrics, float]:
+    """Runs the model over this rank's batches; returns metric objects already summed over ranks and the mean loss."""
+    device = accelerator.device
+    paper = PaperMetrics(threshold=cfg.eval.threshold)
+    standard = StandardMetrics(threshold=cfg.eval.threshold, bins=cfg.eval.histogram_bins)
+    paper.to(device), standard.to(device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of batch losses, batches)
+    was_training = model.training
+    model.eval()
+    dtype = model_input_dtype(model)
+    for batch in batches:
+        image = normalize(batch.image.to(device)).to(dtype)
+        if cfg.train.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        mask = batch.mask.to(device)
+        # DeepSpeed half-precision weights take half inputs directly; otherwise autocast as in training.
+        with accelerator.autocast() if dtype == torch.float32 else contextlib.nullcontext():
+            logits, _ = split_output(model(image))
+        logits = logits.float()
+        if loss_fn is not None:
+            loss_sum += torch.stack([loss_fn(logits, mask)[0].double(), torch.ones((), device=device).double()])
+        probs = torch.sigmoid(logits)
+        paper.update(probs, mask)
+        if native:
+            _native_update(standard, probs, batch.native_masks)
+        else:
+            standard.update(probs, mask)
+    model.train(was_training)
+    return _sync(accelerator, paper, standard, loss_sum)
+
+
+def _sync(accelerator: "Accelerator", paper, standard, loss_sum: torch.Tensor):
+    def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(tensor, "sum")
+
+    if accelerator.num_processes > 1:
+        paper.sync(reduce_sum)
+        standard.sync(reduce_sum)
+        loss_sum = reduce_sum(loss_sum)
+    mean_loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
+    return paper, standard, mean_loss
+
+
+def flatten_results(paper: dict, standard: dict, loss: float) -> dict[str, float]:
+    """Scalars for logs: standard-protocol mAP/mIoU/mDice/mAUPR11 (monitored), paper_* and per-lesion AP/IoU."""
+    flat = {"loss": loss}
+    for key in ("mAP", "mIoU", "mDice", "mAUPR11"):
+        flat[key] = standard[key]
+    flat["paper_mAP"], flat["paper_mIoU"] = paper["mAP"], paper["mIoU"]
+    for lesion in LESIONS:
+        flat[f"AP_{lesion}"] = standard["AP"][lesion]
+        flat[f"IoU_{lesion}"] = standard["IoU"][lesion]
+    return flat
+
+
+def score_loader(
+    accelerator: "Accelerator",
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    cfg: RunConfig,
+    native: bool,
+    loss_fn: Optional[CombinedLoss] = None,
+) -> dict[str, float]:
+    paper, standard, loss = collect_metrics(accelerator, model, batches, cfg, native, loss_fn)
+    return flatten_results(paper.compute(), standard.compute(), loss)
