@@ -81,6 +81,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpc_drseg.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    _setup_logging()
+    result = train(cfg)
+    print(f"{result.run_dir}: {result.reason} (epoch {result.progress.epoch}, step {result.progress.global_step})")
+    return result.exit_code
+
+
+def _setup_logging() -> None:
+    import logging
+    import os
+
+    # Only the main process talks; the others log warnings and errors.
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "data":
         from hpc_drseg.data.bench import benchmark_data, format_table
@@ -135,6 +154,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a model (resumes an existing run directory)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks that print figures (data loading, …)")
     p.add_argument("what", choices=("data",), help="what to measure")
