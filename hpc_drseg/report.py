@@ -37,10 +37,11 @@ PROTOCOL_TITLES = {
     "standard": "standard protocol (native resolution, whole split)",
 }
 PROTOCOL_NOTES = {
-    "paper": "512² images in batches of 4; AP and IoU per batch, averaged over batches (AP = 0 for a batch without "
-    "lesion pixels). Reproduces how Table I was computed; biased and not comparable with other work.",
+    "paper": "The shards' resolution (512² in the paper) in batches of 4; AP and IoU per batch, averaged over "
+    "batches (AP = 0 for a batch without lesion pixels). Reproduces how Table I was computed; biased and not "
+    "comparable with other work.",
     "standard": "Probabilities resized to each image's native size; counts summed over the whole split; IoU and Dice "
-    "at threshold 0.5; AUPR11 over thresholds 0, 0.1, …, 1. Best published DDR numbers with this protocol: "
+    "at eval.threshold (0.5); AUPR11 over thresholds 0, 0.1, …, 1. Best published DDR numbers with this protocol: "
     "mAUPR ≈ 0.50, mIoU ≈ 0.31 (HRNet + M2MRF, 1024 px).",
 }
 PROTOCOL_METRICS = {"paper": ("AP", "IoU"), "standard": ("AP", "AUPR11", "IoU", "Dice")}
@@ -227,7 +228,7 @@ def plot_pr_curves(evals: dict[str, dict[str, Any]], path: Path) -> Optional[Pat
         ax.set(title=f"{lesion} ({LESION_NAMES[lesion]})", xlabel="recall", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(loc="upper right", fontsize=9)
+            ax.legend(loc="lower left", fontsize=9)  # PR curves fall towards the lower right
     axes[0].set_ylabel("precision")
     fig.suptitle("Precision-recall, standard protocol (native resolution, whole split)")
     return _save_figure(fig, path)
@@ -375,6 +376,8 @@ def compare_runs(run_dirs: list[Path], out: Optional[Path] = None, split: str = 
         raise ValueError("compare_runs: give at least one run directory")
     runs = {}
     for run_dir in map(Path, run_dirs):
+        if run_dir in runs:
+            raise ValueError(f"compare_runs: {run_dir} is given twice; list each run once")
         path = run_dir / f"eval_{split}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; run `drseg eval --run {run_dir} --split {split}` first")

@@ -176,6 +176,8 @@ def test_compare_runs_side_by_side(tmp_path):
     assert paper["AP EX"] == [f"**{ex_a:.4f}**", f"{ex_b:.4f}", "0.3960", "0.3578"]
     standard = table_cells(text, "standard protocol")
     assert standard["AP SE"] == ["n/a", "n/a"]
+    with pytest.raises(ValueError, match="given twice"):
+        compare_runs([a, b, a], None)
     with (tmp_path / "cmp" / "table.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0][:4] == ["protocol", "metric", "run-a (Attention-DeepLab)", "run-b (U-Net)"]
