@@ -18,7 +18,7 @@ from hpc_drseg.constants import LESIONS
 
 # Thresholds of the standard protocol's 11-point AUPR (DDR evaluation code: np.linspace(0, 1, 11), `prob > t`).
 AUPR_THRESHOLDS: tuple[float, ...] = tuple(k / 10 for k in range(11))
-# Above 2**24 bins, float32 score × bins is no longer exact in float64 and the slot arithmetic below breaks.
+# Up to 2**24 bins the float32 edges j / bins stay distinct, so score_slots' one-slot correction is enough.
 MAX_BINS = 2**24
 
 ReduceSum = Callable[[Tensor], Optional[Tensor]]
@@ -215,7 +215,7 @@ class _SummableState:
     def reset(self) -> None:
         self._state = self._empty_state()
 
-    def to(self, device: torch.device | str):
+    def to(self, device: torch.device | str) -> _SummableState:
         """Moves the state (e.g. to the rank's GPU before an NCCL all-reduce); returns self."""
         self.device = torch.device(device)
         self._state = {k: v.to(self.device) for k, v in self._state.items()}
