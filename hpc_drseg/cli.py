@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from hpc_drseg import __version__
 from hpc_drseg.config import ConfigError, describe_fields, dump_config, load_config
@@ -91,6 +92,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hpc_drseg.evaluate import evaluate_run
+    from hpc_drseg.report import write_run_report
+
+    _setup_logging()
+    result = evaluate_run(args.run, split=args.split, protocol=args.protocol, which=args.checkpoint,
+                          overrides=args.overrides)  # fmt: skip
+    if _is_main_process():
+        for name, metrics in result["protocols"].items():
+            print(f"{name:>8} protocol: mAP {_fmt(metrics['mAP'])}  mIoU {_fmt(metrics['mIoU'])}")
+        print(f"report: {write_run_report(Path(args.run))}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpc_drseg.report import compare_runs, write_run_report
+
+    if len(args.runs) == 1 and args.out is None:
+        print(f"report: {write_run_report(Path(args.runs[0]))}")
+    else:
+        print(compare_runs([Path(r) for r in args.runs], Path(args.out) if args.out else None, split=args.split))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hpc_drseg.predict import predict
+
+    result = predict(Path(args.checkpoint), Path(args.input), Path(args.out), save_probs=args.save_probs,
+                     threshold=args.threshold, device=args.device)  # fmt: skip
+    print(f"{len(result['images'])} image(s) -> {args.out} (lesions.json); {len(result['errors'])} error(s)")
+    return 1 if result["errors"] else 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _setup_logging() -> None:
     import logging
     import os
@@ -158,6 +202,29 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (resumes an existing run directory)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a run with the paper and standard protocols, then write its report")
+    p.add_argument("--run", required=True, help="run directory made by drseg train")
+    p.add_argument("--split", default="test", help="split to score (default test)")
+    p.add_argument("--protocol", default="both", choices=("paper", "standard", "both"), help="default both")
+    p.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"), help="default: best, else last")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the run's config (e.g. data.*)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="Table I report of one run, or several runs side by side")
+    p.add_argument("runs", nargs="+", help="run directories (with eval_*.json from drseg eval)")
+    p.add_argument("--out", default=None, help="write the side-by-side table here (.md, and .csv beside it)")
+    p.add_argument("--split", default="test", help="split to compare (default test)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="overlays and per-lesion counts/areas for fundus images")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (RUN/checkpoints/best.pt)")
+    p.add_argument("--input", required=True, help="an image (JPEG/PNG/TIFF) or a folder of them")
+    p.add_argument("--out", required=True, help="output folder (overlays, lesions.json)")
+    p.add_argument("--save-probs", action="store_true", help="also write float16 probability maps (.npz)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks that print figures (data loading, …)")
     p.add_argument("what", choices=("data",), help="what to measure")

@@ -31,7 +31,7 @@ PR_CURVE_POINTS = tuple(i / 100 for i in range(101))
 
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
     """best.pt by default; last.pt when no validation has improved yet (or when asked)."""
-    for name in ([which] if which != "auto" else ["best", "last"]):
+    for name in [which] if which != "auto" else ["best", "last"]:
         path = ckpt.checkpoint_path(run_dir, name)
         if path.is_file():
             return path

@@ -49,7 +49,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: say which and what to do
-        raise ValueError(f"{path} is not a readable hpc_drseg checkpoint ({exc}); delete it or point elsewhere") from exc
+        raise ValueError(
+            f"{path} is not a readable hpc_drseg checkpoint ({exc}); delete it or point elsewhere"
+        ) from exc
 
 
 def capture_rng() -> dict[str, Any]:

@@ -23,7 +23,7 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
-def build_accelerator(cfg: TrainConfig) -> "Accelerator":
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -31,7 +31,8 @@ def build_accelerator(cfg: TrainConfig) -> "Accelerator":
     if cfg.precision == "fp16" and on_cpu:
         raise ValueError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 (or no) on CPU")
     handlers = []
-    if on_cpu:
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or uses_deepspeed()
+    if on_cpu and launched:  # a lone process without rendezvous variables must not ask for a process group
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
     kwargs = dict(
         mixed_precision=cfg.precision,
@@ -43,7 +44,7 @@ def build_accelerator(cfg: TrainConfig) -> "Accelerator":
     return Accelerator(**kwargs)
 
 
-def configure_deepspeed(accelerator: "Accelerator", cfg: TrainConfig) -> None:
+def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
     """Our config owns micro-batch and precision; DeepSpeed's "auto" batch would need a DataLoader in prepare()."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:

@@ -34,7 +34,7 @@ class StopFlag:
     def _handle(self, signum: int, _frame: Optional[FrameType]) -> None:
         self.request(signal.Signals(signum).name)
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

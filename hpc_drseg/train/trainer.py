@@ -10,15 +10,15 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from hpc_drseg.config import RunConfig, config_to_dict, save_config
-from hpc_drseg.data.augment import Augment, build_augment, normalize, seed_augment, worker_seed
+from hpc_drseg.data.augment import build_augment, normalize
 from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader, steps_per_epoch
 from hpc_drseg.data.shards import read_manifest
 from hpc_drseg.losses import build_loss
@@ -40,26 +40,6 @@ from hpc_drseg.train.validate import score_loader, split_output
 log = logging.getLogger("hpc_drseg.train")
 
 DEBUG_SUBSET_BATCHES = 4  # train.debug without data.subset: this many batches per rank per epoch
-
-
-class SeededAugment:
-    """Reseeds the augmentation per (seed, epoch, rank, loader worker) on first use in each worker process.
-
-    Forked workers inherit the parent's generator state; without this every worker repeats the same augmentations,
-    and a resumed run would not replay the interrupted epoch's augmentations.
-    """
-
-    def __init__(self, augment: Augment, seed: int, epoch: int, rank: int) -> None:
-        self.augment, self.seed, self.epoch, self.rank = augment, seed, epoch, rank
-        self._seeded_worker: Optional[int] = None
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        if self._seeded_worker != worker:
-            seed_augment(self.augment, worker_seed(self.seed, self.epoch, self.rank, worker))
-            self._seeded_worker = worker
-        return self.augment(image, mask)
 
 
 @dataclass
@@ -183,10 +163,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ epochs
     def _train_batches(self, epoch: int) -> Iterable[Batch]:
         cfg = self.cfg
-        augment = SeededAugment(self.augment, cfg.train.seed, epoch, self.rank) if self.augment else None
         loader = build_train_loader(
             cfg.data.shards, cfg.data.train_split, cfg.train.batch_size, self.rank, self.world, cfg.train.seed,
-            epoch, cfg.data.num_workers, augment=augment, steps=self.steps, shuffle_buffer=cfg.data.shuffle_buffer,
+            epoch, cfg.data.num_workers, augment=self.augment, steps=self.steps, shuffle_buffer=cfg.data.shuffle_buffer,
             subset=cfg.data.subset,
         )  # fmt: skip
         # Resuming mid-epoch: the epoch's stream is deterministic, so replaying and dropping the consumed batches
@@ -263,7 +242,7 @@ class Trainer:
         monitored = metrics.get(self.cfg.train.monitor)
         if monitored is None:
             raise ValueError(
-                f"train.monitor={self.cfg.train.monitor!r} is not a validation quantity; choose one of {sorted(metrics)}"
+                f"train.monitor={self.cfg.train.monitor!r} is not a validation quantity; use one of {sorted(metrics)}"
             )
         self.monitor.update(monitored, epoch)
         self._apply_lr()
@@ -344,7 +323,8 @@ class Trainer:
     def _loop(self) -> str:
         while self.progress.epoch < self.cfg.train.max_epochs:
             if self.monitor.should_stop:
-                return f"early stopping: no improvement of {self.cfg.train.monitor} for {self.monitor.stop_patience} epochs"
+                patience = self.monitor.stop_patience
+                return f"early stopping: no improvement of {self.cfg.train.monitor} for {patience} epochs"
             epoch = self.progress.epoch
             self._epoch_started = time.perf_counter()
             reason = self.run_epoch(epoch)

@@ -7,7 +7,8 @@ resolution, standard protocol at each image's native resolution).
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ def _native_update(metric: StandardMetrics, probs: torch.Tensor, native_masks: l
 
 @torch.no_grad()
 def collect_metrics(
-    accelerator: "Accelerator",
+    accelerator: Accelerator,
     model: torch.nn.Module,
     batches: Iterable[Batch],
     cfg: RunConfig,
@@ -78,7 +79,7 @@ def collect_metrics(
     return _sync(accelerator, paper, standard, loss_sum)
 
 
-def _sync(accelerator: "Accelerator", paper, standard, loss_sum: torch.Tensor):
+def _sync(accelerator: Accelerator, paper, standard, loss_sum: torch.Tensor):
     def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(tensor, "sum")
 
@@ -103,7 +104,7 @@ def flatten_results(paper: dict, standard: dict, loss: float) -> dict[str, float
 
 
 def score_loader(
-    accelerator: "Accelerator",
+    accelerator: Accelerator,
     model: torch.nn.Module,
     batches: Iterable[Batch],
     cfg: RunConfig,
