@@ -165,20 +165,20 @@ def _vessel_trunks(eye: _Eye) -> list[tuple[float, float, float, float]]:
     ]
 
 
-def _draw_path(canvas: np.ndarray, path: np.ndarray, calibres: np.ndarray) -> None:
-    """Anti-aliased polyline through the complex points `path` (x + iy); segment k has width calibres[k]."""
+def _add_path(runs: dict[tuple[int, int], list[np.ndarray]], path: np.ndarray, calibres: np.ndarray) -> None:
+    """Splits the complex polyline `path` (x + iy; segment k of width calibres[k]) into runs of equal width and
+    grey level, collected per (width, level) so that each group is drawn by one cv2.polylines call."""
     widths = np.maximum(1, np.rint(calibres)).astype(np.int32)
     # Thin vessels fade; 8 grey levels keep the number of separate polylines (one per width/level run) small.
     values = 32 * np.rint(8 * np.minimum(1.0, 0.35 + 0.65 * calibres / 1.5)).astype(np.int32) - 1
-    points = np.rint(path.view(np.float64).reshape(-1, 2) * 16).astype(np.int32)  # shift=4 below: 1/16-px precision
+    points = np.rint(path.view(np.float64).reshape(-1, 2) * 16).astype(np.int32)  # drawn with 4 fractional bits
     keys = widths * 1024 + values
     starts = [0, *(1 + np.flatnonzero(keys[1:] != keys[:-1])).tolist(), len(keys)]
     for start, stop in zip(starts, starts[1:]):
-        segment = points[start : stop + 1]
-        cv2.polylines(canvas, [segment], False, int(values[start]), int(widths[start]), cv2.LINE_AA, shift=4)
+        runs.setdefault((int(widths[start]), int(values[start])), []).append(points[start : stop + 1])
 
 
-def _grow_tree(rng: np.random.Generator, canvas: np.ndarray, eye: _Eye, root: tuple) -> None:
+def _grow_tree(rng: np.random.Generator, runs: dict, eye: _Eye, root: tuple) -> None:
     """Random-walk vessel from `root` = (x + iy, angle, curl, calibre px, length px), branching and thinning."""
     step = 0.025 * eye.radius
     stack = [root]
@@ -197,7 +197,7 @@ def _grow_tree(rng: np.random.Generator, canvas: np.ndarray, eye: _Eye, root: tu
         n_kept = n_steps if keep.all() else int(np.argmin(keep))
         if n_kept == 0:
             continue
-        _draw_path(canvas, path[: n_kept + 1], calibres[:n_kept])
+        _add_path(runs, path[: n_kept + 1], calibres[:n_kept])
         forks = np.flatnonzero(branch[:n_kept] & (calibres[:n_kept] > 0.8))
         if len(forks):
             n = len(forks)
@@ -209,21 +209,27 @@ def _grow_tree(rng: np.random.Generator, canvas: np.ndarray, eye: _Eye, root: tu
 
 def _vessel_map(rng: np.random.Generator, eye: _Eye) -> np.ndarray:
     """(H, W) float32 vessel density in [0, 1]: veins at full strength, arteries (thinner, paler) at 0.7."""
-    veins = np.zeros((eye.height, eye.width), np.uint8)
-    arteries = np.zeros_like(veins)
+    veins: dict[tuple[int, int], list[np.ndarray]] = {}
+    arteries: dict[tuple[int, int], list[np.ndarray]] = {}
     calibre0 = max(1.5, 13.0 * eye.scale)  # main vein calibre at the disc, px
     for angle, curl, length, factor in _vessel_trunks(eye):
-        for canvas, width in ((veins, 1.0), (arteries, 0.7)):
+        for runs, width in ((veins, 1.0), (arteries, 0.7)):
             a = angle + rng.normal(0.0, 0.12)
             start = complex(*eye.disc) + 0.3 * eye.disc_radius * complex(math.cos(a), math.sin(a))
             root = (start, a, curl, calibre0 * factor * width, length * eye.radius * rng.uniform(0.85, 1.1))
-            _grow_tree(rng, canvas, eye, root)
+            _grow_tree(rng, runs, eye, root)
     for _ in range(int(rng.integers(3, 7))):  # small vessels from the disc towards the macula
         a = math.atan2(eye.macula[1] - eye.disc[1], eye.macula[0] - eye.disc[0]) + rng.uniform(-0.9, 0.9)
         start = complex(*eye.disc) + eye.disc_radius * complex(math.cos(a), math.sin(a))
         root = (start, a, rng.normal(0.0, 0.02), 0.3 * calibre0, rng.uniform(0.15, 0.3) * eye.radius)
         _grow_tree(rng, arteries, eye, root)
-    density = np.maximum(veins.astype(np.float32) / 255.0, 0.7 * arteries.astype(np.float32) / 255.0)
+    canvases = []
+    for runs in (veins, arteries):
+        canvas = np.zeros((eye.height, eye.width), np.uint8)
+        for (width, value), lines in sorted(runs.items()):  # thin first, so thick trunks stay on top
+            cv2.polylines(canvas, lines, False, value, width, cv2.LINE_AA, shift=4)  # shift=4: 1/16-px points
+        canvases.append(canvas)
+    density = np.maximum(canvases[0].astype(np.float32) / 255.0, 0.7 * canvases[1].astype(np.float32) / 255.0)
     return cv2.GaussianBlur(density, (0, 0), sigmaX=max(0.5, 0.9 * eye.scale))
 
 
@@ -428,13 +434,14 @@ def _write_sample(root: Path, sample: _Sample, rgb: np.ndarray, masks: Mapping[s
             raise OSError(f"could not write {path}")
 
 
-def _make_sample(sample: _Sample) -> int:
-    """Renders and writes one image and its four masks; the RNG depends only on (seed, split, index)."""
-    rng = np.random.default_rng([sample.seed, SPLITS.index(sample.split), sample.index])
-    height, width = _image_shape(rng, sample.size_px)
-    rgb, masks = render_fundus(rng, height, width)
-    _write_sample(Path(sample.root), sample, rgb, masks)
-    return 1
+def _make_samples(samples: list[_Sample]) -> int:
+    """Renders and writes images with their four masks; each RNG depends only on (seed, split, index)."""
+    for sample in samples:
+        rng = np.random.default_rng([sample.seed, SPLITS.index(sample.split), sample.index])
+        height, width = _image_shape(rng, sample.size_px)
+        rgb, masks = render_fundus(rng, height, width)
+        _write_sample(Path(sample.root), sample, rgb, masks)
+    return len(samples)
 
 
 def _init_worker() -> None:
@@ -445,11 +452,14 @@ def _run(samples: list[_Sample], workers: int, progress: bool) -> None:
     with tqdm(total=len(samples), desc="synth DDR", unit="img", file=sys.stderr, disable=not progress) as bar:
         if workers <= 1:
             for sample in samples:
-                bar.update(_make_sample(sample))
+                bar.update(_make_samples([sample]))
             return
+        # Small chunks: few inter-process round trips for small images, yet a smooth progress bar and balanced load.
+        size = max(1, min(8, len(samples) // (8 * workers)))
+        chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
         # spawn, not fork: the caller may hold threads (torch, OpenCV) that a forked child would inherit locked.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-            futures = [pool.submit(_make_sample, sample) for sample in samples]
+            futures = [pool.submit(_make_samples, chunk) for chunk in chunks]
             try:
                 for future in as_completed(futures):
                     bar.update(future.result())

@@ -160,6 +160,22 @@ def test_lesion_pixels_below_one_percent_at_realistic_size() -> None:
         assert (inside.mean() > around.mean() + 15) if brighter else (inside.mean() < around.mean() - 15), lesion
 
 
+@pytest.mark.parametrize("lesion", LESIONS)
+def test_mask_marks_exactly_the_pixels_painted_at_least_halfway(lesion: str) -> None:
+    # On a flat grey canvas a pixel's colour change is alpha x |tint - grey|, and the lesion's centre gets the full
+    # alpha (0.85-0.95): so masked pixels changed >= 1/2 of the tint distance, unmasked ones < 1/2 of it.
+    rng = np.random.default_rng(5)
+    eye = synth._draw_eye(rng, 400, 400)
+    image = np.full((3, 400, 400), 100.0, np.float32)
+    mask = np.zeros((400, 400), bool)
+    blob = synth._lesion_blobs(rng, eye, lesion, severity=1.0)[0]
+    synth._paint_lesion(rng, image, mask, np.ones_like(mask), lesion, blob)
+    change = np.abs(image - 100.0).sum(axis=0)
+    assert mask.any() and change[mask].min() >= 0.5 * change.max() - 1e-3
+    assert change[~mask].max() < 0.5 / 0.85 * change.max()
+    assert change[~mask].max() > 0  # a soft fringe is painted but not marked
+
+
 def test_lesions_lie_inside_the_field_of_view() -> None:
     for image, masks in _render_sample(12, 256):
         h, w = image.shape[:2]
