@@ -153,82 +153,84 @@ def _paint_disc_and_macula(rng: np.random.Generator, image: np.ndarray, eye: _Ey
     _blend_patch(image, 0.8 * alpha, x0, y0, np.array([255, 245, 215], np.float32))
 
 
-def _vessel_trunks(eye: _Eye) -> list[tuple[float, float, float, float]]:
-    """(start angle, curl per step, length, calibre factor) of the four main arcades leaving the disc."""
+def _vessel_roots(rng: np.random.Generator, eye: _Eye) -> dict[str, np.ndarray]:
+    """Start of every vessel tree: a vein and an artery per main arcade, plus small vessels towards the macula."""
     s = eye.side
     bend = 1.7 / 48  # temporal arcades turn by ~100° around the macula over ~48 steps
-    return [
+    trunks = [  # (start angle, curl per step, length in radii, calibre factor)
         (-math.pi / 2 - s * 0.35, -s * bend, 1.25, 1.0),  # superior temporal
         (math.pi / 2 + s * 0.35, s * bend, 1.25, 1.0),  # inferior temporal
         (-math.pi / 2 + s * 0.6, s * 0.4 * bend, 0.75, 0.7),  # superior nasal
         (math.pi / 2 - s * 0.6, -s * 0.4 * bend, 0.75, 0.7),  # inferior nasal
     ]
+    calibre0 = max(1.5, 13.0 * eye.scale)  # main vein calibre at the disc, px
+    rows = []  # (offset from disc centre in disc radii, angle, curl, calibre, length px, kind: 0 vein, 1 artery)
+    for angle, curl, length, factor in trunks:
+        for kind, width in ((0, 1.0), (1, 0.7)):
+            a = angle + rng.normal(0.0, 0.12)
+            rows.append((0.3, a, curl, calibre0 * factor * width, length * eye.radius * rng.uniform(0.85, 1.1), kind))
+    to_macula = math.atan2(eye.macula[1] - eye.disc[1], eye.macula[0] - eye.disc[0])
+    for _ in range(int(rng.integers(3, 7))):
+        a = to_macula + rng.uniform(-0.9, 0.9)
+        rows.append((1.0, a, rng.normal(0.0, 0.02), 0.3 * calibre0, rng.uniform(0.15, 0.3) * eye.radius, 1))
+    offset, angle, curl, calibre, length, kind = (np.array(column) for column in zip(*rows))
+    start = complex(*eye.disc) + offset * eye.disc_radius * np.exp(1j * angle)
+    return {"start": start, "angle": angle, "curl": curl, "calibre": calibre, "length": length, "kind": kind}
 
 
-def _add_path(runs: dict[tuple[int, int], list[np.ndarray]], path: np.ndarray, calibres: np.ndarray) -> None:
-    """Splits the complex polyline `path` (x + iy; segment k of width calibres[k]) into runs of equal width and
-    grey level, collected per (width, level) so that each group is drawn by one cv2.polylines call."""
-    widths = np.maximum(1, np.rint(calibres)).astype(np.int32)
-    # Thin vessels fade; 8 grey levels keep the number of separate polylines (one per width/level run) small.
-    values = 32 * np.rint(8 * np.minimum(1.0, 0.35 + 0.65 * calibres / 1.5)).astype(np.int32) - 1
-    points = np.rint(path.view(np.float64).reshape(-1, 2) * 16).astype(np.int32)  # drawn with 4 fractional bits
-    keys = widths * 1024 + values
-    starts = [0, *(1 + np.flatnonzero(keys[1:] != keys[:-1])).tolist(), len(keys)]
-    for start, stop in zip(starts, starts[1:]):
-        runs.setdefault((int(widths[start]), int(values[start])), []).append(points[start : stop + 1])
+def _grow_level(rng: np.random.Generator, eye: _Eye, v: dict[str, np.ndarray]) -> tuple[tuple, dict[str, np.ndarray]]:
+    """Random walks of all vessels of one branching level at once (rows: vessels, columns: steps).
 
-
-def _grow_tree(rng: np.random.Generator, runs: dict, eye: _Eye, root: tuple) -> None:
-    """Random-walk vessel from `root` = (x + iy, angle, curl, calibre px, length px), branching and thinning."""
+    Returns the kept segments (start, end as x + iy, calibre px, kind) and the next level's vessels, which fork off
+    with probability 0.1 per step; a vessel thins to ~40 % of its calibre and loses 10 % at each fork.
+    """
     step = 0.025 * eye.radius
-    stack = [root]
-    while stack:
-        start, angle, curl, calibre, length = stack.pop()
-        n_steps = max(1, int(length / step))
-        branch = rng.random(n_steps) < 0.1
-        # Calibre of segment k: ends at ~40 % of the start, and each earlier branching takes 10 % off.
-        calibres = calibre * 0.4 ** (np.arange(n_steps) / n_steps) * 0.9 ** (np.cumsum(branch) - branch)
-        angles = angle + np.cumsum(curl + rng.standard_normal(n_steps) * (0.06 + 0.12 / (1.0 + calibres)))
-        path = np.empty(n_steps + 1, np.complex128)
-        path[0] = start
-        np.cumsum(step * np.exp(1j * angles), out=path[1:])
-        path[1:] += start
-        keep = (np.abs(path[1:] - complex(eye.cx, eye.cy)) < 0.97 * eye.radius) & (calibres >= 0.4)
-        n_kept = n_steps if keep.all() else int(np.argmin(keep))
-        if n_kept == 0:
-            continue
-        _add_path(runs, path[: n_kept + 1], calibres[:n_kept])
-        forks = np.flatnonzero(branch[:n_kept] & (calibres[:n_kept] > 0.8))
-        if len(forks):
-            n = len(forks)
-            turns = np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.5, 1.1, n)
-            lengths = (n_steps - forks) * step * rng.uniform(0.4, 0.9, n)
-            calibres_child = calibres[forks] * rng.uniform(0.5, 0.75, n)
-            stack.extend(zip(path[forks + 1], angles[forks] + turns, rng.normal(0.0, 0.01, n), calibres_child, lengths))
+    n_steps = np.maximum(1, (v["length"] / step).astype(int))
+    k = np.arange(n_steps.max())
+    valid = k < n_steps[:, None]
+    fork = (rng.random(valid.shape) < 0.1) & valid
+    calibres = v["calibre"][:, None] * 0.4 ** (k / n_steps[:, None]) * 0.9 ** (np.cumsum(fork, 1) - fork)
+    wander = rng.standard_normal(valid.shape) * (0.06 + 0.12 / (1.0 + calibres))  # thin vessels wander more
+    angles = v["angle"][:, None] + np.cumsum(v["curl"][:, None] + wander, axis=1)
+    ends = v["start"][:, None] + np.cumsum(step * np.exp(1j * angles), axis=1)
+    inside = np.abs(ends - complex(eye.cx, eye.cy)) < 0.97 * eye.radius
+    keep = np.cumprod(valid & inside & (calibres >= 0.4), axis=1).astype(bool)  # a vessel ends at its first miss
+    starts = np.concatenate([v["start"][:, None], ends[:, :-1]], axis=1)
+    kinds = np.broadcast_to(v["kind"][:, None], keep.shape)
+    segments = (starts[keep], ends[keep], calibres[keep], kinds[keep])
+    rows, cols = np.nonzero(fork & keep & (calibres > 0.8))
+    n = len(rows)
+    children = {
+        "start": ends[rows, cols],
+        "angle": angles[rows, cols] + np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.5, 1.1, n),
+        "curl": rng.normal(0.0, 0.01, n),
+        "calibre": calibres[rows, cols] * rng.uniform(0.5, 0.75, n),
+        "length": (n_steps[rows] - cols) * step * rng.uniform(0.4, 0.9, n),
+        "kind": v["kind"][rows],
+    }
+    return segments, children
 
 
 def _vessel_map(rng: np.random.Generator, eye: _Eye) -> np.ndarray:
     """(H, W) float32 vessel density in [0, 1]: veins at full strength, arteries (thinner, paler) at 0.7."""
-    veins: dict[tuple[int, int], list[np.ndarray]] = {}
-    arteries: dict[tuple[int, int], list[np.ndarray]] = {}
-    calibre0 = max(1.5, 13.0 * eye.scale)  # main vein calibre at the disc, px
-    for angle, curl, length, factor in _vessel_trunks(eye):
-        for runs, width in ((veins, 1.0), (arteries, 0.7)):
-            a = angle + rng.normal(0.0, 0.12)
-            start = complex(*eye.disc) + 0.3 * eye.disc_radius * complex(math.cos(a), math.sin(a))
-            root = (start, a, curl, calibre0 * factor * width, length * eye.radius * rng.uniform(0.85, 1.1))
-            _grow_tree(rng, runs, eye, root)
-    for _ in range(int(rng.integers(3, 7))):  # small vessels from the disc towards the macula
-        a = math.atan2(eye.macula[1] - eye.disc[1], eye.macula[0] - eye.disc[0]) + rng.uniform(-0.9, 0.9)
-        start = complex(*eye.disc) + eye.disc_radius * complex(math.cos(a), math.sin(a))
-        root = (start, a, rng.normal(0.0, 0.02), 0.3 * calibre0, rng.uniform(0.15, 0.3) * eye.radius)
-        _grow_tree(rng, arteries, eye, root)
-    canvases = []
-    for runs in (veins, arteries):
-        canvas = np.zeros((eye.height, eye.width), np.uint8)
-        for (width, value), lines in sorted(runs.items()):  # thin first, so thick trunks stay on top
-            cv2.polylines(canvas, lines, False, value, width, cv2.LINE_AA, shift=4)  # shift=4: 1/16-px points
-        canvases.append(canvas)
+    vessels, levels = _vessel_roots(rng, eye), []
+    while len(vessels["start"]):
+        segments, vessels = _grow_level(rng, eye, vessels)
+        levels.append(segments)
+    starts, ends, calibres, kinds = (np.concatenate(column) for column in zip(*levels))
+    widths = np.maximum(1, np.rint(calibres)).astype(np.int64)
+    # Thin vessels fade; 8 grey levels keep the number of (kind, width, level) groups, one cv2 call each, small.
+    levels_u8 = 32 * np.rint(8 * np.minimum(1.0, 0.35 + 0.65 * calibres / 1.5)).astype(np.int64) - 1
+    points = np.stack([starts, ends], axis=1).view(np.float64).reshape(-1, 2, 2)
+    points = np.rint(points * 16).astype(np.int32)  # drawn with shift=4: 1/16-px precision
+    keys = (kinds * 4096 + widths) * 1024 + levels_u8  # sorted: thin first, so thick trunks stay on top
+    order = np.argsort(keys, kind="stable")
+    bounds = [0, *(1 + np.flatnonzero(np.diff(keys[order]))).tolist(), len(order)]
+    canvases = np.zeros((2, eye.height, eye.width), np.uint8)
+    for lo, hi in zip(bounds, bounds[1:]):
+        first = order[lo]
+        lines = list(points[order[lo:hi]])
+        cv2.polylines(canvases[kinds[first]], lines, False, int(levels_u8[first]), int(widths[first]), cv2.LINE_AA, 4)
     density = np.maximum(canvases[0].astype(np.float32) / 255.0, 0.7 * canvases[1].astype(np.float32) / 255.0)
     return cv2.GaussianBlur(density, (0, 0), sigmaX=max(0.5, 0.9 * eye.scale))
 
