@@ -5,6 +5,7 @@ The whole computation sits behind one function, `cbam_forward`, so a fused kerne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -51,11 +52,18 @@ def cbam_eager(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> Te
     The fp32 copy is small (CBAM sits on 256×(H/32)² and 48×(H/4)² maps).
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         xc = x.to(dtype)
         xc = xc * channel_gate(xc, w_fc1.to(dtype), w_fc2.to(dtype))
         out = xc * spatial_gate(xc, w_spatial.to(dtype))
     return out.to(x.dtype)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    # the meta device (FLOP counting) has no autocast at all
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def triton_unavailable_reason(x: Tensor) -> str | None:
