@@ -48,7 +48,8 @@ def cbam_eager(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> Te
     """Reference CBAM in plain PyTorch: channel attention first, then spatial attention.
 
     Computes in fp32 (fp64 stays fp64) with autocast off, returns x's dtype: bf16 rounding of the gated map flips
-    channel-max ties and ReLU kinks of the 1-3-unit MLP, which moved bf16 gradients by up to tens of percent.
+    channel-max ties and ReLU kinks of the 1-3-unit MLP; computing in bf16 moved gradients by up to 35 % (measured
+    against fp64; fp32 inside leaves ≈0.2 %, the output rounding).
     The fp32 copy is small (CBAM sits on 256×(H/32)² and 48×(H/4)² maps).
     """
     dtype = torch.promote_types(x.dtype, torch.float32)

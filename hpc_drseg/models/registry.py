@@ -88,11 +88,13 @@ def describe_model(cfg: ModelConfig, image_px: int) -> dict[str, Any]:
     return {
         "name": cfg.name,
         "backbone": None if cfg.name == "unet" else cfg.backbone,
-        "output_stride": input_stride(cfg),
+        "pretrained_path": None if cfg.name == "unet" else cfg.pretrained_path,  # reported, not read
+        "output_stride": None if cfg.name == "unet" else cfg.output_stride,
+        "input_multiple": input_stride(cfg),
         "image_px": image_px,
         "params_total": total,
         "params_trainable": trainable,
-        "train_gflops_per_image": flops / 1e9,
+        "train_gflops_per_image": round(flops / 1e9, 3),
         "gflops_method": "FlopCounterMode, train mode, batch 2 forward+backward / 2, meta device",
         "output_shape": list(out_shape),
         "output_channels": list(LESIONS),

@@ -70,10 +70,11 @@ def test_paper_training_flops_at_512():
     """SPEC.md: 278 GFLOP per training image (forward + backward) at 512² for Attention-DeepLab, OS 32."""
     info = describe_model(ModelConfig(), image_px=512)
     assert abs(info["train_gflops_per_image"] - 278) <= 0.01 * 278, info["train_gflops_per_image"]
-    assert info["output_shape"] == [1, 4, 512, 512] and info["output_stride"] == 32
+    assert info["output_shape"] == [1, 4, 512, 512] and info["output_stride"] == info["input_multiple"] == 32
 
 
-def test_describe_model_fields_and_scaling():
+def test_describe_model_fields_and_scaling(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cfg = ModelConfig(backbone="resnet18", use_aux_head=True, cbam=CBAMConfig(impl="triton"))
     small, large = describe_model(cfg, 64), describe_model(cfg, 128)
     assert small["params_total"] == small["params_trainable"] == n_params(build_model(cfg))
@@ -86,6 +87,8 @@ def test_describe_model_fields_and_scaling():
     if not torch.cuda.is_available():
         assert small["cbam_impl_active"] == "eager"
     assert describe_model(ModelConfig(name="deeplabv3plus", backbone="resnet18"), 64)["cbam_impl_active"] is None
+    unet = describe_model(ModelConfig(name="unet", unet_base_width=4), 64)
+    assert unet["output_stride"] is None and unet["input_multiple"] == 16 and unet["backbone"] is None
 
 
 def test_pretrained_file_is_loaded_through_the_config(tmp_path):
