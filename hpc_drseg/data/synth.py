@@ -124,6 +124,14 @@ def _blend_patch(image: np.ndarray, alpha: np.ndarray, x0: int, y0: int, rgb: np
         region += alpha[None, pys, pxs] * (rgb[:, None, None] - region)
 
 
+def _ramp(signed_px: np.ndarray, edge_px: float) -> np.ndarray:
+    """Alpha from a signed distance inside a boundary (px): 0.5 on it, linear over `edge_px`, clipped to [0, 1]."""
+    alpha = signed_px / edge_px
+    alpha += 0.5
+    np.maximum(alpha, 0.0, out=alpha)  # in place: np.clip's Python wrapper costs more than the work on small patches
+    return np.minimum(alpha, 1.0, out=alpha)
+
+
 def _ellipse_alpha(x: float, y: float, rx: float, ry: float, edge_px: float) -> tuple[np.ndarray, int, int]:
     """Soft-edged axis-aligned ellipse: alpha patch and its top-left corner."""
     x0, y0 = int(x - rx - 2 * edge_px - 2), int(y - ry - 2 * edge_px - 2)
@@ -132,7 +140,7 @@ def _ellipse_alpha(x: float, y: float, rx: float, ry: float, edge_px: float) -> 
     xs = np.arange(x0, x1, dtype=np.float32)[None, :] - x
     # Distance outside the ellipse, approximately in px: (normalised radius - 1) x mean radius.
     rho = np.sqrt((xs / rx) ** 2 + (ys / ry) ** 2)
-    alpha = np.clip((1.0 - rho) * (0.5 * (rx + ry)) / edge_px + 0.5, 0.0, 1.0)
+    alpha = _ramp((1.0 - rho) * (0.5 * (rx + ry)), edge_px)
     return alpha, x0, y0
 
 
@@ -253,14 +261,13 @@ def _blob_alpha(
     v = dy * math.cos(rot) - dx * math.sin(rot)
     rho = np.hypot(u, v)
     if wobble == 0.0:
-        return np.clip((radius - rho) / edge_px + 0.5, 0.0, 1.0), x0, y0
-    theta = np.arctan2(v, u)
-    weights = rng.uniform(0.0, 1.0, 4) / np.arange(2, 6)
-    weights *= wobble / max(weights.sum(), 1e-6)
-    boundary = np.full_like(rho, radius)
-    for k, (amp, phase) in enumerate(zip(weights, rng.uniform(0, 2 * math.pi, 4)), start=2):
-        boundary += radius * amp * np.cos(k * theta + phase)
-    return np.clip((boundary - rho) / edge_px + 0.5, 0.0, 1.0), x0, y0
+        return _ramp(radius - rho, edge_px), x0, y0
+    harmonics = np.arange(2, 6, dtype=np.float32)[:, None, None]
+    amplitudes = rng.uniform(0.0, 1.0, (4, 1, 1)).astype(np.float32) / harmonics
+    amplitudes *= wobble / max(float(amplitudes.sum()), 1e-6)
+    phases = rng.uniform(0, 2 * math.pi, (4, 1, 1)).astype(np.float32)
+    ripple = (amplitudes * np.cos(harmonics * np.arctan2(v, u) + phases)).sum(axis=0)
+    return _ramp(radius * (1.0 + ripple) - rho, edge_px), x0, y0
 
 
 def _sample_point(rng: np.random.Generator, eye: _Eye, centre: tuple[float, float], spread: float) -> tuple[float, ...]:
@@ -316,10 +323,10 @@ def _paint_lesion(
     """Paints one lesion and marks in `mask` exactly the pixels painted with alpha ≥ 0.5 (inside the FOV)."""
     x, y, radius, edge_px, wobble, elongation = blob
     alpha, x0, y0 = _blob_alpha(rng, x, y, radius, edge_px, wobble, elongation)
+    alpha *= {"MA": 0.92, "HE": 0.9, "EX": 0.95, "SE": 0.85}[lesion]  # peak opacity
     if lesion == "SE":  # fluffy: cotton-wool spots are translucent with a mottled texture
-        alpha = alpha * (0.9 + 0.1 * _smooth_noise(rng, *alpha.shape, max(1.5, radius / 2)))
-    strength = {"MA": 0.92, "HE": 0.9, "EX": 0.95, "SE": 0.85}[lesion]
-    alpha = np.clip(alpha * strength, 0.0, 1.0)
+        alpha *= 0.9 + 0.1 * _smooth_noise(rng, *alpha.shape, max(1.5, radius / 2))
+        np.minimum(alpha, 1.0, out=alpha)
     window = _patch_window(image.shape[1:], x0, y0, *alpha.shape)
     if window is None:
         return
@@ -328,9 +335,9 @@ def _paint_lesion(
     painted = alpha >= 0.5
     if not painted.any():
         return  # too small to cover a pixel: paint nothing rather than an unlabelled smudge
-    tint = np.array(_LESION_RGB[lesion], np.float32) * rng.uniform(0.9, 1.08)
+    tint = np.minimum(np.array(_LESION_RGB[lesion], np.float32) * rng.uniform(0.9, 1.08), 255.0)
     region = image[:, ys, xs]
-    region += alpha[None] * (np.clip(tint, 0, 255)[:, None, None] - region)
+    region += alpha[None] * (tint[:, None, None] - region)
     mask[ys, xs] |= painted
 
 
