@@ -19,7 +19,7 @@ import torch
 
 from hpc_drseg.config import AugmentConfig
 from hpc_drseg.constants import IMAGENET_MEAN, IMAGENET_STD, LESIONS
-from hpc_drseg.data.augment import build_augment, normalize, seed_augment, worker_seed
+from hpc_drseg.data.augment import build_augment, normalize, seed_augment
 
 PX = 128  # small images keep the file fast; no transform parameter depends on the side except elastic (scaled)
 
@@ -144,9 +144,13 @@ def test_geometric_transforms_move_the_mask_with_the_image():
     pattern = _pattern()
     image = np.repeat(pattern[..., None] * 255, 3, axis=2)
     mask = np.repeat(pattern[..., None], len(LESIONS), axis=2)
-    aug = build_augment(AugmentConfig(preset="paper"), PX, seed=1)
-    geometric = [t for t in _walk(aug.compose) if isinstance(t, A.DualTransform)]
-    assert len(geometric) == 7
+    geometric = [
+        t
+        for fast_elastic in (False, True)
+        for t in _walk(build_augment(AugmentConfig(preset="paper"), PX, seed=1, fast_elastic=fast_elastic).compose)
+        if isinstance(t, A.DualTransform) and (not fast_elastic or isinstance(t, A.ElasticTransform))
+    ]
+    assert len(geometric) == 8  # flips, rot90, affine, elastic, grid, optical + the opt-in fast elastic
     for t in geometric:
         for trial in range(6):
             out = t(image=image, mask=mask, force_apply=True)
@@ -212,7 +216,7 @@ def test_same_seed_same_stream_other_seed_other_stream():
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
     aug = build_augment(cfg, PX)
-    seed_augment(aug, 7)  # reseeding an existing pipeline restarts the same stream
+    aug.reseed(7)  # reseeding an existing pipeline restarts the same stream
     assert all(np.array_equal(a, b) for a, b in zip(first, _run(aug)))
     clone = pickle.loads(pickle.dumps(aug))  # spawn-started workers receive a pickled copy
     seed_augment(clone, 7)
@@ -233,14 +237,68 @@ def test_seeded_flips_fire_independently():
     assert sum(outcomes.values()) == 200 and len(outcomes) == 4 and min(outcomes.values()) > 25, outcomes
 
 
-def test_worker_seeds_differ_per_seed_epoch_rank_worker_and_are_stable():
-    grid = [(s, e, r, w) for s in range(2) for e in range(3) for r in range(3) for w in range(4)]
-    seeds = [worker_seed(*key) for key in grid]
-    assert len(set(seeds)) == len(grid)
-    assert seeds == [worker_seed(*key) for key in grid]
-    assert all(0 <= s < 2**63 for s in seeds)
-    with pytest.raises(ValueError, match="rank"):
-        worker_seed(0, 0, -1, 0)
+@pytest.fixture
+def parent_opencv_single_thread():
+    """pipeline.py sets cv2.setNumThreads(1) inside each forked worker; when this (parent) process has already run
+    OpenCV's thread pool, as the tests above do, that call can deadlock the worker (OpenCV 5.0, pthreads). With the
+    parent at one thread already, the worker's call changes nothing."""
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    yield
+    cv2.setNumThreads(previous)
+
+
+def test_train_loader_workers_reseed_the_augmentation(shards_dir, parent_opencv_single_thread):
+    """Forked workers inherit the parent's (here unseeded) generators; the loader's reseed makes runs repeatable."""
+    from hpc_drseg.data.pipeline import build_train_loader
+    from hpc_drseg.data.shards import read_manifest
+
+    image_px = read_manifest(shards_dir)["image_px"]
+
+    def images(preset: str) -> list[torch.Tensor]:
+        aug = build_augment(AugmentConfig(preset=preset, strength=2.0), image_px)  # no seed: OS entropy
+        loader = build_train_loader(shards_dir, "train", 2, 0, 1, seed=5, epoch=0, num_workers=2, augment=aug,
+                                    steps=4)  # fmt: skip
+        return [batch.image for batch in loader]
+
+    first = images("paper")
+    assert all(torch.equal(a, b) for a, b in zip(first, images("paper")))
+    assert not any(torch.equal(a, b) for a, b in zip(first, images("none")))  # and the workers did augment
+
+
+def test_fast_elastic_variant_is_opt_in_and_keeps_the_field_statistics():
+    from hpc_drseg.data.augment import FastElasticTransform
+
+    assert not any(isinstance(t, FastElasticTransform) for t in _walk(build_augment(AugmentConfig(), PX).compose))
+    aug = build_augment(AugmentConfig(), 512, seed=0, fast_elastic=True)
+    (fast,) = [t for t in _walk(aug.compose) if isinstance(t, FastElasticTransform)]
+    assert (fast.alpha, fast.sigma, fast.fill, fast.fill_mask) == (1.0, 50.0, 0, 0)
+    reference = A.ElasticTransform(alpha=1.0, sigma=50.0)
+    inner = slice(150, -150)  # 2.x's replicate border inflates the field within ~sigma of the edge; compare inside
+
+    def interior_std(t) -> float:
+        t.set_random_state(np.random.default_rng(0), __import__("random").Random(0))
+        stds = []
+        for _ in range(6):
+            maps = t.get_params_dependent_on_data({"shape": (512, 512)}, {})
+            stds.append((maps["map_x"] - np.arange(512, dtype=np.float32))[inner, inner].std())
+            assert np.abs(maps["map_y"] - np.arange(512, dtype=np.float32)[:, None]).max() < 1.0  # sub-pixel
+        return float(np.mean(stds))
+
+    assert 0.6 < interior_std(fast) / interior_std(reference) < 1.6
+
+
+def test_bench_runs_both_layers_and_formats_a_table(shards_dir):
+    from hpc_drseg.data.bench import benchmark_data, format_table
+
+    rows = benchmark_data(shards_dir, [0], 0.05, image_px=PX)
+    layers = Counter(r["layer"] for r in rows)
+    assert layers == {"augment": 4, "transform": 12, "variant": 1, "loader": 1}
+    assert all(r["samples"] > 0 and r["samples_per_s"] > 0 for r in rows)
+    text = format_table(rows)
+    assert "paper augmentation at 128px" in text and "costliest on average" in text
+    with pytest.raises(FileNotFoundError, match="drseg shard"):
+        benchmark_data("/nonexistent/shards", [1], 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------- normalize

@@ -1,0 +1,236 @@
+"""`drseg bench data`: how many augmented training samples per second the CPUs deliver (a benchmark, not a test).
+
+Layers: (a) augmentation alone per image on one core, per preset, plus what each paper transform costs when it fires
+and on average; (b) the whole train loader (shard read + PNG decode + augment + collate) for 1..N workers.
+Goal (Jithesh et al. at 512²): the paper preset sustains >= 60 samples/s per core, i.e. a 16-core node feeds >= 1000/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from hpc_drseg.config import AugmentConfig
+from hpc_drseg.constants import LESIONS
+from hpc_drseg.data.augment import Augment, FastElasticTransform, build_augment
+
+GOAL_PER_CORE = 60.0  # samples/s per core for the paper preset at 512² (16 cores × 60 ≈ 1000/s)
+PRESETS = ("paper", "light", "none")
+_TEST_IMAGES = 4  # distinct synthetic images cycled through, so no single image's content decides the figure
+
+
+def _rate(samples: int, seconds: Optional[float]) -> Optional[float]:
+    if seconds is None:
+        return None
+    return samples / seconds if seconds > 0 else float("inf")
+
+
+def _row(
+    layer: str, name: str, workers: int, samples: int, seconds: float, cpu_seconds: Optional[float] = None
+) -> dict[str, Any]:
+    """One measurement. Layer (a) runs on one core, so its CPU time is that core's busy time: samples_per_cpu_s is
+    the per-core figure even when other processes share the machine (wall-clock rates then drop, CPU rates barely)."""
+    rate, cpu_rate = _rate(samples, seconds), _rate(samples, cpu_seconds)
+    per_core = cpu_rate if cpu_rate is not None else rate
+    return {
+        "layer": layer,
+        "name": name,
+        "workers": workers,
+        "samples": samples,
+        "seconds": round(seconds, 3),
+        "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 3),
+        "samples_per_s": rate,
+        "per_worker_per_s": rate / max(1, workers),
+        "samples_per_cpu_s": cpu_rate,
+        "ms_per_sample": 1000.0 / per_core if per_core else float("inf"),
+        "p": None,
+        "expected_ms": None,
+    }
+
+
+@contextlib.contextmanager
+def _one_opencv_thread() -> Iterator[None]:
+    """Per-core figures need OpenCV single-threaded. Kept at 1 while loader workers fork, too: a worker that changes
+    the thread count of an inherited, already started OpenCV pool can deadlock (seen with OpenCV 5.0, pthreads)."""
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
+def make_test_samples(image_px: int, count: int = _TEST_IMAGES, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Synthetic fundus photos with lesion masks, (image H×W×3 uint8, mask H×W×4 uint8 0/1), as the shards hold them."""
+    from hpc_drseg.data.synth import render_fundus
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(count):
+        image, masks = render_fundus(rng, image_px, image_px)
+        mask = np.stack([masks[lesion] > 0 for lesion in LESIONS], axis=2).astype(np.uint8)
+        samples.append((image, mask))
+    return samples
+
+
+def _time_calls(
+    call: Callable[[np.ndarray, np.ndarray], Any], samples: list, seconds: float, min_calls: int
+) -> tuple[int, float, float]:
+    """Calls `call` over the samples (cycling) for `seconds` and at least `min_calls` times; (calls, wall s, CPU s)."""
+    call(*samples[0])  # first call pays one-off costs (lazy imports, allocations)
+    calls, start, cpu_start = 0, time.perf_counter(), time.process_time()
+    while calls < min_calls or time.perf_counter() - start < seconds:
+        call(*samples[calls % len(samples)])
+        calls += 1
+    return calls, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def bench_augment(
+    preset: str, samples: list, seconds: float, seed: int = 0, fast_elastic: bool = False
+) -> dict[str, Any]:
+    """(a) Samples/s of one preset on the calling core (decode excluded)."""
+    image_px = samples[0][0].shape[0]
+    aug = build_augment(AugmentConfig(preset=preset), image_px, seed=seed, fast_elastic=fast_elastic)
+    call = aug if aug is not None else (lambda image, mask: (image, mask))
+    name = f"{preset} + fast elastic" if fast_elastic else preset
+    row = _row("augment", name, 1, *_time_calls(call, samples, seconds, min_calls=5))
+    row["image_px"] = image_px
+    return row
+
+
+def _effective_probabilities(aug: Augment) -> Iterator[tuple[A.BasicTransform, float]]:
+    """Each leaf transform with its overall firing probability (OneOf: block p × normalised weight)."""
+    for t in aug.compose.transforms:
+        if isinstance(t, A.OneOf):
+            for member, weight in zip(t.transforms, t.transforms_ps):
+                yield member, t.p * weight
+        else:
+            yield t, t.p
+
+
+def profile_transforms(samples: list, seconds: float, seed: int = 0) -> list[dict[str, Any]]:
+    """(a) Each paper transform forced on: ms when it fires, its probability, and its expected ms per sample; then
+    the opt-in FastElasticTransform the same way (layer 'variant', not part of the paper's total)."""
+    image_px = samples[0][0].shape[0]
+    paper = build_augment(AugmentConfig(preset="paper"), image_px, seed=seed)
+    fast = build_augment(AugmentConfig(preset="paper"), image_px, seed=seed, fast_elastic=True)
+    assert paper is not None and fast is not None
+    variants = [(t, p) for t, p in _effective_probabilities(fast) if isinstance(t, FastElasticTransform)]
+    rows = []
+    for transform, p in [*_effective_probabilities(paper), *variants]:
+
+        def call(image: np.ndarray, mask: np.ndarray, t: A.BasicTransform = transform) -> Any:
+            return t(image=image, mask=mask, force_apply=True)
+
+        layer = "variant" if isinstance(transform, FastElasticTransform) else "transform"
+        row = _row(layer, type(transform).__name__, 1, *_time_calls(call, samples, seconds, min_calls=3))
+        row["p"], row["expected_ms"] = p, p * row["ms_per_sample"]
+        rows.append(row)
+    return rows
+
+
+def bench_loader(shards_dir: str | Path, workers: int, seconds: float, preset: str, batch_size: int = 4) -> dict:
+    """(b) Samples/s of the training loader of one rank with `workers` DataLoader workers (0 = main process).
+
+    Timing starts when the first batch arrives, so worker start-up and the shuffle buffer's first fill are excluded.
+    """
+    from hpc_drseg.data.pipeline import build_train_loader
+    from hpc_drseg.data.shards import read_manifest
+
+    image_px = int(read_manifest(shards_dir)["image_px"])
+    aug = build_augment(AugmentConfig(preset=preset), image_px)
+    loader = build_train_loader(
+        shards_dir, "train", batch_size, rank=0, world_size=1, seed=0, epoch=0, num_workers=workers, augment=aug,
+        steps=10**9,
+    )  # fmt: skip
+    samples, start = 0, None
+    for batch in loader:
+        if start is None:
+            start = time.perf_counter()
+            continue
+        samples += int(batch.image.shape[0])
+        if time.perf_counter() - start >= seconds:
+            break
+    elapsed = time.perf_counter() - start if start is not None else 0.0
+    return _row("loader", f"{preset} @ {image_px}px", workers, samples, elapsed)
+
+
+def benchmark_data(
+    shards_dir: Optional[str | Path],
+    workers: list[int],
+    seconds: float,
+    image_px: int = 512,
+    preset: str = "paper",
+) -> list[dict[str, Any]]:
+    """Runs layer (a) at `image_px` for every preset and every paper transform, then layer (b) on `shards_dir` (if
+    given) with the `preset` augmentation for each worker count. Returns one dict per measurement."""
+    if seconds <= 0:
+        raise ValueError(f"--seconds: got {seconds}; it must be > 0")
+    if any(w < 0 for w in workers):
+        raise ValueError(f"--workers: got {workers}; worker counts must be >= 0 (0 = main process)")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: got {preset!r}; choose one of {list(PRESETS)}")
+    if shards_dir is not None and not Path(shards_dir).is_dir():
+        raise FileNotFoundError(f"--shards {shards_dir}: no such folder; run `drseg shard` first or leave it out")
+    samples = make_test_samples(image_px)
+    rows: list[dict[str, Any]] = []
+    with _one_opencv_thread():
+        rows += [bench_augment(name, samples, seconds) for name in PRESETS]
+        rows.append(bench_augment("paper", samples, seconds, fast_elastic=True))
+        rows += profile_transforms(samples, max(seconds / 4, 0.2))
+        if shards_dir is not None:
+            rows += [bench_loader(shards_dir, w, seconds, preset) for w in workers]
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text report of `benchmark_data` rows, with the per-core goal verdict and the costliest transform.
+
+    'wall/s' counts samples per wall-clock second; 'cpu/s' per second of this process's CPU time (layers a only);
+    'ms/sample' is per core (from CPU time where measured); 'expected' = p × ms/sample.
+    """
+    lines = [
+        f"{'layer':<10} {'setting':<32} {'workers':>7} {'wall/s':>9} {'/worker':>8} {'cpu/s':>8} {'ms/sample':>10}"
+        f" {'expected':>9}"
+    ]
+    for r in rows:
+        setting = r["name"] if r["p"] is None else f"{r['name']} (p={r['p']:.3f})"
+        cpu = "" if r["samples_per_cpu_s"] is None else f"{r['samples_per_cpu_s']:.1f}"
+        expected = "" if r["expected_ms"] is None else f"{r['expected_ms']:.2f}"
+        lines.append(
+            f"{r['layer']:<10} {setting:<32} {r['workers']:>7} {r['samples_per_s']:>9.1f} "
+            f"{r['per_worker_per_s']:>8.1f} {cpu:>8} {r['ms_per_sample']:>10.2f} {expected:>9}"
+        )
+    return "\n".join(lines + _summary(rows))
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    paper = [r for r in rows if r["layer"] == "augment" and r["name"] == "paper"]
+    if paper:
+        rate = paper[0]["samples_per_cpu_s"] or paper[0]["samples_per_s"]
+        verdict = "meets" if rate >= GOAL_PER_CORE else "MISSES"
+        out.append(
+            f"paper augmentation at {paper[0].get('image_px', '?')}px: {rate:.1f} samples/s per core "
+            f"({1000 / rate:.1f} ms); {verdict} the goal of {GOAL_PER_CORE:.0f}/s per core"
+        )
+    fast = [r for r in rows if r["layer"] == "augment" and r["name"] == "paper + fast elastic"]
+    if fast:
+        rate = fast[0]["samples_per_cpu_s"] or fast[0]["samples_per_s"]
+        out.append(f"opt-in fast elastic (build_augment(..., fast_elastic=True)): {rate:.1f} samples/s per core")
+    transforms = [r for r in rows if r["layer"] == "transform"]
+    if transforms:
+        total = sum(r["expected_ms"] for r in transforms)
+        top = max(transforms, key=lambda r: r["expected_ms"])
+        out.append(
+            f"costliest on average: {top['name']}, {top['expected_ms']:.2f} of {total:.2f} expected ms/sample "
+            f"({top['ms_per_sample']:.1f} ms when it fires, p={top['p']:.3f})"
+        )
+    return out
