@@ -240,12 +240,14 @@ class EvalConfig:
     threshold: float = 0.5
     """Probability threshold for IoU and Dice."""
     histogram_bins: int = 10000
-    """Score-histogram bins of the standard protocol's AP (finer = closer to exact AP)."""
+    """Score-histogram bins of the standard protocol's AP, a multiple of 100 (finer = closer to exact AP)."""
 
     def __post_init__(self) -> None:
         _check_positive("eval.batch_size", self.batch_size)
         _check_range("eval.threshold", self.threshold, 0.0, 1.0)
-        _check_range("eval.histogram_bins", self.histogram_bins, 11, 10_000_000)
+        if not 100 <= self.histogram_bins <= 10_000_000 or self.histogram_bins % 100:
+            # PR curves are read at thresholds 0.00, 0.01, …, 1.00, which must fall on bin edges.
+            raise ConfigError(f"eval.histogram_bins: got {self.histogram_bins}; use a multiple of 100 (e.g. 10000)")
 
 
 @dataclass

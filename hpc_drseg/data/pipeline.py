@@ -215,7 +215,11 @@ def _run(stream: IterableDataset, num_workers: int, limit: Optional[int]) -> Ite
     Without the explicit shutdown, an error (or an endless training stream) would leave the workers to the garbage
     collector, and the next loader's workers would fork a copy of the half-dead one.
     """
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    # A private generator: DataLoader otherwise draws its base seed from the global torch RNG at every iter(), which
+    # would shift the trainer's dropout stream and break exact mid-epoch resume. Workers reseed from stream_seed.
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=num_workers, collate_fn=_identity, generator=torch.Generator().manual_seed(0)
+    )
     iterator = iter(loader)
     try:
         yield from itertools.islice(iterator, limit)

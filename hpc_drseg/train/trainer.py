@@ -87,6 +87,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if cfg.train.debug:
             set_debug_mode()
+        # Adam's second moments of tiny gradients underflow into denormals, which run ~100x slower on x86 CPUs.
+        torch.set_flush_denormal(True)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
         if acc.device.type == "cuda" and self.world > 1:
@@ -175,7 +177,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> Optional[str]:
         """Trains one epoch; returns a stop reason when a signal or max_steps ended it early."""
         sums: dict[str, torch.Tensor] = {}
-        started, images = time.perf_counter(), 0
+        started, images, reason = time.perf_counter(), 0, None
         bar = self.logger.progress_bar(self.steps, self.progress.step_in_epoch, f"epoch {epoch}")
         for batch in self._train_batches(epoch):
             terms = self.train_step(batch)
@@ -187,12 +189,11 @@ class Trainer:
             self._after_step(terms, bar, images / max(time.perf_counter() - started, 1e-9))
             reason = self._early_exit_reason()
             if reason:
-                bar.close()
-                return reason
+                break
         bar.close()
         self._epoch_train_logs = {f"train/{k}": self._mean_across_ranks(v) for k, v in sums.items()}
         self._epoch_speed = images / max(time.perf_counter() - started, 1e-9)
-        return None
+        return reason
 
     def _after_step(self, terms: dict[str, torch.Tensor], bar: Any, img_per_s: float) -> None:
         every = self.cfg.train.log_every_steps
@@ -307,6 +308,21 @@ class Trainer:
             log.info("resumed %s at epoch %d, step %d", path, self.progress.epoch, self.progress.global_step)
         return True
 
+    def check_replicas(self) -> None:
+        """DDP/ZeRO keep every rank's weights identical; a silent drift (ENV-NOTES' CPU trap) is an error here."""
+        if self.world == 1:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        high, low = checksum.clone(), -checksum
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MAX)
+        spread = high + low  # max - min, per parameter tensor
+        if spread.abs().max().item() > 0:
+            raise RuntimeError(f"model replicas differ across the {self.world} ranks (max spread {spread.max():.3g})")
+        if self.is_main:
+            log.info("replicas identical on all %d ranks (%d parameter tensors)", self.world, checksum.numel())
+
     # ------------------------------------------------------------------------------------------------ main loop
     def fit(self) -> TrainResult:
         self.stop.install()
@@ -314,6 +330,7 @@ class Trainer:
             if not self.resume() and self.is_main:
                 save_config(self.cfg, self.run_dir / "config.yaml")
             reason = self._loop()
+            self.check_replicas()
         finally:
             self.stop.uninstall()
             self.logger.close()

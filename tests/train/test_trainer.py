@@ -1,0 +1,140 @@
+"""Real training runs on CPU: one process, exact resume after max_steps and after SIGTERM, 2-process DDP on gloo
+(torchrun and accelerate launch), DeepSpeed ZeRO-2 through Accelerate."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpc_drseg.config import load_config
+from hpc_drseg.train.checkpoint import checkpoint_path, load_checkpoint
+from hpc_drseg.train.signals import EXIT_RESUMABLE
+from hpc_drseg.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+DEBUG_YAML = REPO / "configs" / "debug.yaml"
+# Small enough for 2 cores: ResNet-18 Attention-DeepLab at the fixture shards' 128 px, 3 steps an epoch.
+TINY = ["train.steps_per_epoch=3", "data.augment.preset=paper", "eval.histogram_bins=1000"]
+
+
+def overrides(shards_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.shards={shards_dir}", f"train.run_dir={run_dir}", *TINY, *extra]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(checkpoint_path(run_dir, "last"))["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(shards_dir, tmp_path_factory) -> Path:
+    """Two uninterrupted epochs; the resume tests must end on exactly these weights."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = train(load_config(DEBUG_YAML, overrides(shards_dir, run_dir)))
+    assert result.exit_code == 0 and result.progress.global_step == 6
+    return run_dir
+
+
+def test_run_directory_contents(reference_run):
+    files = {p.name for p in reference_run.iterdir()}
+    assert {"config.yaml", "metrics.csv", "checkpoints", "tb"} <= files
+    state = torch.load(checkpoint_path(reference_run, "last"), weights_only=True)
+    assert state["progress"]["epoch"] == 2 and state["progress"]["global_step"] == 6
+    assert checkpoint_path(reference_run, "best").is_file()
+    rows = (reference_run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "val/mAP" in rows[0] and "train/boundary" in rows[0]
+    assert load_config(reference_run / "config.yaml").train.steps_per_epoch == 3
+
+
+def test_resume_after_max_steps_is_exact(shards_dir, tmp_path, reference_run):
+    run_dir = tmp_path / "run"
+    first = train(load_config(DEBUG_YAML, overrides(shards_dir, run_dir, "train.max_steps=4")))
+    assert first.exit_code == 0 and first.progress.global_step == 4 and first.progress.step_in_epoch == 1
+    second = train(load_config(DEBUG_YAML, overrides(shards_dir, run_dir)))
+    assert second.progress.global_step == 6
+    assert_same_weights(final_weights(run_dir), final_weights(reference_run))
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(shards_dir, tmp_path, reference_run):
+    run_dir = tmp_path / "run"
+    # Slow each step a little so the signal lands mid-run rather than after the end.
+    cmd = [sys.executable, "-m", "hpc_drseg", "train", "--config", str(DEBUG_YAML), *overrides(shards_dir, run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint_path(run_dir, "last").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # last.pt appears at the end of epoch 0; epoch 1 is then under way
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_RESUMABLE, output[-3000:]
+    assert "stopped by SIGTERM" in output
+    stopped_at = load_checkpoint(checkpoint_path(run_dir, "last"))["progress"]["global_step"]
+    assert 3 <= stopped_at < 6
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed {checkpoint_path(run_dir, 'last')}" in done.stderr
+    assert_same_weights(final_weights(run_dir), final_weights(reference_run))
+
+
+def test_non_finite_loss_names_step_and_samples(shards_dir, tmp_path):
+    cfg = load_config(DEBUG_YAML, overrides(shards_dir, tmp_path / "run", "optim.lr=1e30", "train.max_steps=3"))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* step \d+ .*samples: "):
+        train(cfg)
+
+
+def test_mismatched_image_size_is_a_clear_error(shards_dir, tmp_path):
+    cfg = load_config(DEBUG_YAML, overrides(shards_dir, tmp_path / "run", "data.image_px=256"))
+    with pytest.raises(ValueError, match="set data.image_px=128 or re-shard"):
+        train(cfg)
+
+
+def _launch(launcher: list[str], shards_dir: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [*launcher, "-m", "hpc_drseg", "train", "--config", str(DEBUG_YAML), *overrides(shards_dir, run_dir, *extra)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _check_two_rank_run(done: subprocess.CompletedProcess, run_dir: Path) -> None:
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "replicas identical on all 2 ranks" in log
+    state = load_checkpoint(checkpoint_path(run_dir, "last"))
+    assert state["world_size"] == 2 and state["progress"]["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_torchrun(shards_dir, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    run_dir = tmp_path / "run"
+    _check_two_rank_run(_launch(launcher, shards_dir, run_dir, "train.max_epochs=1"), run_dir)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_accelerate_launch(shards_dir, tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "29532"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    _check_two_rank_run(_launch(launcher, shards_dir, run_dir, "train.max_epochs=1"), run_dir)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes(shards_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "launch" / "accelerate_deepspeed_zero2.yaml"), "--num_processes", "2",
+                "--main_process_port", "29533"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    done = _launch(launcher, shards_dir, run_dir, "train.max_epochs=1")
+    _check_two_rank_run(done, run_dir)
+    assert (run_dir / "checkpoints" / "deepspeed").is_dir()
