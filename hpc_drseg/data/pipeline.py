@@ -218,7 +218,11 @@ def _run(stream: IterableDataset, num_workers: int, limit: Optional[int]) -> Ite
     # A private generator: DataLoader otherwise draws its base seed from the global torch RNG at every iter(), which
     # would shift the trainer's dropout stream and break exact mid-epoch resume. Workers reseed from stream_seed.
     loader = DataLoader(
-        stream, batch_size=None, num_workers=num_workers, collate_fn=_identity, generator=torch.Generator().manual_seed(0)
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        generator=torch.Generator().manual_seed(0),
     )
     iterator = iter(loader)
     try:

@@ -16,7 +16,7 @@ import torch
 from hpc_drseg.config import load_config
 from hpc_drseg.train.checkpoint import checkpoint_path, load_checkpoint
 from hpc_drseg.train.signals import EXIT_RESUMABLE
-from hpc_drseg.train.trainer import train
+from hpc_drseg.train.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
@@ -88,9 +88,10 @@ def test_sigterm_checkpoints_and_resume_is_exact(shards_dir, tmp_path, reference
 
 
 def test_non_finite_loss_names_step_and_samples(shards_dir, tmp_path):
-    cfg = load_config(DEBUG_YAML, overrides(shards_dir, tmp_path / "run", "optim.lr=1e30", "train.max_steps=3"))
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* step \d+ .*samples: "):
-        train(cfg)
+    trainer = Trainer(load_config(DEBUG_YAML, overrides(shards_dir, tmp_path / "run", "train.max_steps=3")))
+    trainer.loss_fn.weights["dice"] = float("inf")  # the config refuses such weights; the guard must still hold
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* step 0 .*samples: \S+"):
+        trainer.fit()
 
 
 def test_mismatched_image_size_is_a_clear_error(shards_dir, tmp_path):
