@@ -17,19 +17,19 @@ if [ ! -d "$out/ddr/lesion_segmentation" ]; then
   drseg synth --out "$out/ddr" --train 48 --valid 12 --test 12 --size 512 --seed 0
 fi
 if [ ! -f "$out/shards/manifest.json" ]; then
-  echo "== 2/5 WebDataset shards at 192 px -> $out/shards"
-  drseg shard --ddr-root "$out/ddr" --out "$out/shards" --image-px 192
+  echo "== 2/5 WebDataset shards at 128 px -> $out/shards"
+  drseg shard --ddr-root "$out/ddr" --out "$out/shards" --image-px 128
 fi
 echo "== 3/5 train Attention-DeepLab (configs/demo.yaml) -> $run"
 drseg train --config configs/demo.yaml
-echo "== 4/5 evaluate on the test split (paper protocol at 192 px, standard protocol at native resolution)"
+echo "== 4/5 evaluate on the test split (paper protocol at 128 px, standard protocol at native resolution)"
 drseg eval --run "$run" --split test
 echo "== 5/5 overlays and lesion measurements for the test images -> $out/predictions"
 drseg predict --checkpoint "$run/checkpoints/best.pt" --input "$out/ddr/lesion_segmentation/test/image" \
   --out "$out/predictions"
 
 echo
-echo "validation mAP (standard protocol, 192 px) per epoch:"
+echo "validation mAP (standard protocol, 128 px) per epoch:"
 python - "$run/metrics.csv" <<'PY'
 import csv, sys
 for row in csv.DictReader(open(sys.argv[1])):
