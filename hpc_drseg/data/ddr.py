@@ -151,8 +151,9 @@ def read_mask(path: Path) -> tuple[np.ndarray, bool]:
         raise ValueError(f"mask {path} is corrupt or unreadable ({exc}); replace it with an intact copy") from exc
     if values.ndim == 3:  # an RGB(A)-saved mask: lesion wherever any channel is on
         values = values.max(axis=2)
-    on_values = np.unique(values[values > 0]) if values.any() else values[:0]
-    return (values > 0).astype(np.uint8), len(on_values) > 1
+    lesion = values > 0
+    on_values = values[lesion]
+    return lesion.view(np.uint8), bool(on_values.size) and on_values.min() != on_values.max()
 
 
 def read_sample(files: SampleFiles, allow_missing_masks: bool = False) -> DDRSample:
