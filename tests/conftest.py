@@ -72,10 +72,8 @@ def make_ddr() -> Callable[..., Path]:
 def ddr_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic DDR tree: 8 train / 4 valid / 4 test images of ~192 px (folder holding lesion_segmentation/)."""
     out = tmp_path_factory.mktemp("ddr") / "DDR-dataset"
-    try:
-        from hpc_drseg.data.synth import write_synthetic_ddr
-    except ImportError:  # the synthetic generator is not there yet: use the hand-made tree
-        return write_tiny_ddr(out)
+    from hpc_drseg.data.synth import write_synthetic_ddr
+
     return Path(
         write_synthetic_ddr(out, counts=dict(TINY_COUNTS), size_px=TINY_SIZE_PX, seed=0, progress=False, workers=1)
     )
