@@ -33,9 +33,10 @@ install_torch() {
     "${pip[@]}" torch
   else
     echo "[setup] no GPU: installing a CPU build of torch"
-    # 1. a local CPU wheel (find-links), as on the project's CI machines; 2. PyTorch's CPU index; 3. last resort.
-    "${pip[@]}" --no-index "torch==2.13.0" 2>/dev/null \
-      || "${pip[@]}" --timeout 30 --index-url https://download.pytorch.org/whl/cpu torch \
+    # 1. a CPU wheel pip can already see (e.g. find-links, as on the project's CI machines; the "+cpu" local version
+    #    never matches a CUDA build); 2. PyTorch's CPU index; 3. last resort.
+    "${pip[@]}" "torch==2.13.0+cpu" 2>/dev/null \
+      || "${pip[@]}" --timeout 30 --retries 1 --index-url https://download.pytorch.org/whl/cpu torch \
       || "${pip[@]}" torch
   fi
 }
