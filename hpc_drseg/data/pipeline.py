@@ -193,7 +193,7 @@ def _seed_worker(seed: int, augment: Optional[Augment], in_worker: bool) -> None
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
-        cv2.setNumThreads(1)  # N workers × all-core OpenCV threads would oversubscribe the CPUs
+        cv2.setNumThreads(0)  # serial OpenCV in workers; 1 can deadlock a fork whose parent used the pool
 
 
 class TrainLoader:
@@ -306,7 +306,7 @@ class _EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         worker, _ = _worker_slot()
         if get_worker_info() is not None:
-            cv2.setNumThreads(1)
+            cv2.setNumThreads(0)
         slot = self.slots[worker]
         batch: list[Sample] = []
         for path in slot.paths:

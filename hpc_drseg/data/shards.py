@@ -221,7 +221,7 @@ def _encoded(jobs: list[tuple[SampleFiles, str, int, bool]], workers: int) -> It
     if workers <= 1:
         yield from map(_encode_job, jobs)
         return
-    with multiprocessing.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+    with multiprocessing.Pool(workers, initializer=cv2.setNumThreads, initargs=(0,)) as pool:
         yield from pool.imap(_encode_job, jobs, chunksize=1)
 
 
