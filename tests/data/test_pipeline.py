@@ -4,6 +4,8 @@ samples exactly once across ranks × workers, clear errors on damaged shards."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -219,3 +221,23 @@ def test_bad_rank_or_split(shards_dir: Path) -> None:
         build_train_loader(shards_dir, "train", 2, rank=2, world_size=2, seed=0, epoch=0, num_workers=0)
     with pytest.raises(ValueError, match="split 'training'"):
         build_eval_loader(shards_dir, "training", 2, 0, 1, 0)
+
+
+def test_workers_do_not_deadlock_when_the_parent_used_opencv_threads(shards_dir: Path) -> None:
+    # cv2.setNumThreads(1) in a forked worker hangs forever once the parent has run OpenCV's thread pool (OpenCV 5,
+    # pthreads): the trainer's process does, e.g. when the standard protocol resizes probabilities. Own process, so
+    # a hang is a timeout here rather than a stuck test session.
+    script = f"""
+import cv2, numpy as np
+from hpc_drseg.data.pipeline import build_eval_loader, build_train_loader
+big = np.zeros((2000, 2000, 3), np.uint8)
+for _ in range(3):
+    cv2.resize(big, (512, 512), interpolation=cv2.INTER_AREA)
+for _ in range(3):
+    n = sum(len(b.ids) for b in build_eval_loader({str(shards_dir)!r}, "test", 2, 0, 1, 2))
+    n += sum(len(b.ids) for b in build_train_loader({str(shards_dir)!r}, "train", 2, 0, 1, 0, 0, 2))
+print("samples", n)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["samples", "12"]
