@@ -57,8 +57,7 @@ def _row(
 
 @contextlib.contextmanager
 def _one_opencv_thread() -> Iterator[None]:
-    """Per-core figures need OpenCV single-threaded. Kept at 1 while loader workers fork, too: a worker that changes
-    the thread count of an inherited, already started OpenCV pool can deadlock (seen with OpenCV 5.0, pthreads)."""
+    """Per-core figures need OpenCV single-threaded (loader workers themselves run OpenCV serially)."""
     previous = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:

@@ -237,18 +237,7 @@ def test_seeded_flips_fire_independently():
     assert sum(outcomes.values()) == 200 and len(outcomes) == 4 and min(outcomes.values()) > 25, outcomes
 
 
-@pytest.fixture
-def parent_opencv_single_thread():
-    """pipeline.py sets cv2.setNumThreads(1) inside each forked worker; when this (parent) process has already run
-    OpenCV's thread pool, as the tests above do, that call can deadlock the worker (OpenCV 5.0, pthreads). With the
-    parent at one thread already, the worker's call changes nothing."""
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    yield
-    cv2.setNumThreads(previous)
-
-
-def test_train_loader_workers_reseed_the_augmentation(shards_dir, parent_opencv_single_thread):
+def test_train_loader_workers_reseed_the_augmentation(shards_dir):
     """Forked workers inherit the parent's (here unseeded) generators; the loader's reseed makes runs repeatable."""
     from hpc_drseg.data.pipeline import build_train_loader
     from hpc_drseg.data.shards import read_manifest
