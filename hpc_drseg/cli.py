@@ -152,6 +152,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = benchmark_data(args.shards, workers, args.seconds, image_px=args.image_px, preset=args.preset)
         print(format_table(rows))
         return 0
+    if args.what == "train":
+        from hpc_drseg.train.bench import benchmark_train
+
+        _setup_logging()
+        benchmark_train(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+        return 0
     raise ValueError(f"unknown benchmark {args.what!r}")
 
 
@@ -227,7 +233,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks that print figures (data loading, …)")
-    p.add_argument("what", choices=("data",), help="what to measure")
+    p.add_argument("what", choices=("data", "train"), help="data: loader samples/s; train: training step img/s")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps (train benchmark, default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (train benchmark, default 3)")
     p.add_argument("--shards", default=None, help="shard folder (data benchmark)")
     p.add_argument("--workers", default="1,2", help="comma-separated loader worker counts (default 1,2)")
     p.add_argument("--seconds", type=float, default=10.0, help="measuring time per setting (default 10)")
