@@ -42,7 +42,7 @@ def _random_batch(cfg: RunConfig, seed: int) -> Batch:
 
 
 def _time_steps(trainer: Trainer, batches: Iterator[Batch], warmup: int, steps: int) -> float:
-    """Seconds per training step, median-free mean over `steps` after `warmup` (loader time included if any)."""
+    """Seconds per training step, mean over `steps` after `warmup` (loader time included if any)."""
     device = trainer.accelerator.device
     for _ in range(warmup):
         trainer.train_step(next(batches))

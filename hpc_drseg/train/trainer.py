@@ -179,8 +179,13 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         started, images, reason = time.perf_counter(), 0, None
         bar = self.logger.progress_bar(self.steps, self.progress.step_in_epoch, f"epoch {epoch}")
+        waited_from = time.perf_counter()
         for batch in self._train_batches(epoch):
+            step_from = time.perf_counter()
             terms = self.train_step(batch)
+            if self.cfg.train.debug:
+                log.info("debug: step %d data %.3fs compute %.3fs", self.progress.global_step,
+                         step_from - waited_from, time.perf_counter() - step_from)  # fmt: skip
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0) + value
             images += len(batch.ids) * self.world
@@ -190,6 +195,7 @@ class Trainer:
             reason = self._early_exit_reason()
             if reason:
                 break
+            waited_from = time.perf_counter()
         bar.close()
         self._epoch_train_logs = {f"train/{k}": self._mean_across_ranks(v) for k, v in sums.items()}
         self._epoch_speed = images / max(time.perf_counter() - started, 1e-9)
