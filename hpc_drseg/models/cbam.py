@@ -22,7 +22,8 @@ CBAMImpl = Literal["eager", "compile", "triton"]
 IMPLS: tuple[str, ...] = ("eager", "compile", "triton")
 
 # Contract of the fused kernel module: `cbam_forward(x, w_fc1, w_fc2, w_spatial) -> Tensor`, differentiable w.r.t.
-# all four inputs, same shapes, dtype rule (fp32 arithmetic, x's dtype out) and result as `cbam_eager`. Imported only
+# all four inputs, same shapes, dtype rule (fp32 arithmetic, x's dtype out) and result as `cbam_eager`; optionally
+# `unavailable_reason(x) -> str | None` (e.g. TRITON_INTERPRET set only after triton was imported). Imported only
 # when impl="triton" is first used.
 TRITON_MODULE = "hpc_drseg.kernels.cbam_triton"
 
@@ -71,8 +72,10 @@ def triton_unavailable_reason(x: Tensor) -> str | None:
     """Why the fused kernel cannot run on `x` (None if it can): needs a CUDA tensor, or TRITON_INTERPRET=1 on CPU."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return "no CUDA tensor and TRITON_INTERPRET is not set"
-    _, error = _load_kernel()
-    return error
+    kernel, error = _load_kernel()
+    if kernel is None or not hasattr(kernel, "unavailable_reason"):
+        return error
+    return kernel.unavailable_reason(x)
 
 
 def active_impl(impl: CBAMImpl, x: Tensor) -> str:
