@@ -54,6 +54,7 @@ def benchmark_cbam(
     train_batch: int = 16,
     train_image_px: int = 512,
     train_steps: int = 20,
+    train_warmup: int = 3,
     train_overrides: Sequence[str] = (),
     device: str | None = None,
     log: Callable[[str], None] = print,
@@ -63,8 +64,9 @@ def benchmark_cbam(
     CUDA: CUDA events around each call after `warmup` calls, median of `iters`, inputs rotated among `input_sets`
     random sets. CPU (no CUDA): the same with a host clock, for eager and compile only — "triton" rows are marked
     skipped (the CPU interpreter is for tests), so the figures say nothing about the GPU goals of issue 6.
-    The training step: Attention-DeepLab from load_config(None, [model.cbam.impl=…, data.image_px=…, *train_overrides]),
-    a random batch, Adam, bf16 autocast, channels_last, the configured loss.
+    The training step (median of `train_steps` after `train_warmup`): Attention-DeepLab from load_config(None,
+    [model.cbam.impl=…, data.image_px=…, *train_overrides]), a random batch, Adam, bf16 autocast, channels_last, the
+    configured loss.
     """
     dev, dtype = _resolve_device(device), _resolve_dtype(dtype)
     unknown = sorted(set(impls) - set(IMPLS))
@@ -81,7 +83,7 @@ def benchmark_cbam(
             rows += _cbam_rows(shape, dtype, channels_last, impls, dev, copy["gbps"], warmup, iters, input_sets, log)
     if train_step:
         for impl in [i for i in ("eager", "triton") if i in impls]:
-            rows.append(_train_row(impl, train_batch, train_image_px, train_overrides, dev, warmup, train_steps))
+            rows.append(_train_row(impl, train_batch, train_image_px, train_overrides, dev, train_warmup, train_steps))
             log(_describe_train(rows[-1]))
     return rows
 

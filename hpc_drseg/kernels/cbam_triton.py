@@ -239,20 +239,21 @@ _KERNELS_INTERPRETED = _interpreted(_pool_hw_kernel)
 _LANGUAGE_INTERPRETED = _interpreted(tl.zeros)
 
 
-def unavailable_reason(x: Tensor) -> str | None:
-    """Why the kernels cannot run on x in this process (None if they can): models/cbam.py falls back to eager then."""
+def unavailable_reason(device_type: str) -> str | None:
+    """Why the kernels cannot run on this device type ("cuda", "cpu", …) in this process (None if they can):
+    models/cbam.py falls back to eager then."""
     if _LANGUAGE_INTERPRETED is not None and _LANGUAGE_INTERPRETED != _KERNELS_INTERPRETED:
         return (
             "TRITON_INTERPRET changed between the first import of triton and the import of "
             f"{__name__}; set it before Python starts"
         )
-    if x.device.type == "cpu" and not _KERNELS_INTERPRETED:
+    if device_type == "cpu" and not _KERNELS_INTERPRETED:
         return (
             "CPU tensors need Triton's interpreter, but triton was imported without TRITON_INTERPRET=1 "
             "(torch imports triton early: set it before Python starts)"
         )
-    if x.device.type not in ("cpu", "cuda"):
-        return f"device {x.device} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
+    if device_type not in ("cpu", "cuda"):
+        return f"device type {device_type!r} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
     return None
 
 
@@ -442,7 +443,7 @@ def cbam_fused(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> tu
     reuses: chan (4, B, C) = [avg_HW, max_HW, tie count, channel gate], plane (B, 4, H, W) = [mean_C, max_C, tie
     count, spatial gate] of x1 = x · channel gate."""
     _check_inputs(x, w_fc1, w_fc2, w_spatial)
-    reason = unavailable_reason(x)
+    reason = unavailable_reason(x.device.type)
     if reason is not None:
         raise RuntimeError(f"fused CBAM cannot run: {reason}")
     return _forward(x, w_fc1, w_fc2, w_spatial)

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -23,8 +24,8 @@ IMPLS: tuple[str, ...] = ("eager", "compile", "triton")
 
 # Contract of the fused kernel module: `cbam_forward(x, w_fc1, w_fc2, w_spatial) -> Tensor`, differentiable w.r.t.
 # all four inputs, same shapes, dtype rule (fp32 arithmetic, x's dtype out) and result as `cbam_eager`; optionally
-# `unavailable_reason(x) -> str | None` (e.g. TRITON_INTERPRET set only after triton was imported). Imported only
-# when impl="triton" is first used.
+# `unavailable_reason(device_type) -> str | None` (e.g. TRITON_INTERPRET set only after triton was imported).
+# Imported only when impl="triton" is first used.
 TRITON_MODULE = "hpc_drseg.kernels.cbam_triton"
 
 _compiled_eager: Callable[..., Tensor] | None = None
@@ -70,12 +71,17 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 
 def triton_unavailable_reason(x: Tensor) -> str | None:
     """Why the fused kernel cannot run on `x` (None if it can): needs a CUDA tensor, or TRITON_INTERPRET=1 on CPU."""
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    return _triton_unavailable_reason(x.device.type)
+
+
+@torch.compiler.assume_constant_result  # run once while torch.compile traces: dynamo cannot trace the import
+def _triton_unavailable_reason(device_type: str) -> str | None:
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "no CUDA tensor and TRITON_INTERPRET is not set"
     kernel, error = _load_kernel()
     if kernel is None or not hasattr(kernel, "unavailable_reason"):
         return error
-    return kernel.unavailable_reason(x)
+    return kernel.unavailable_reason(device_type)
 
 
 def active_impl(impl: CBAMImpl, x: Tensor) -> str:
@@ -101,9 +107,8 @@ def cbam_forward(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor, imp
         return _compiled()(x, w_fc1, w_fc2, w_spatial)
     if impl == "triton":
         reason = triton_unavailable_reason(x)
-        if reason is None:
-            kernel, _ = _load_kernel()
-            return kernel.cbam_forward(x, w_fc1, w_fc2, w_spatial)
+        if reason is None:  # the check imported the module; sys.modules, unlike importlib, is traceable by dynamo
+            return sys.modules[TRITON_MODULE].cbam_forward(x, w_fc1, w_fc2, w_spatial)
         _warn_fallback(reason)
         return cbam_eager(x, w_fc1, w_fc2, w_spatial)
     raise ValueError(f"CBAM impl: got {impl!r}; choose one of {list(IMPLS)}")
