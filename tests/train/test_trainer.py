@@ -139,3 +139,15 @@ def test_deepspeed_zero2_two_processes(shards_dir, tmp_path):
     done = _launch(launcher, shards_dir, run_dir, "train.max_epochs=1")
     _check_two_rank_run(done, run_dir)
     assert (run_dir / "checkpoints" / "deepspeed").is_dir()
+
+
+def test_channels_last_and_gradient_accumulation_run(shards_dir, tmp_path):
+    cfg = load_config(
+        DEBUG_YAML,
+        overrides(shards_dir, tmp_path / "run", "train.channels_last=true", "train.grad_accum_steps=2",
+                  "train.max_steps=2", "model.use_aux_head=true", "loss.pos_weight=[4, 1, 1.5, 2]"),
+    )  # fmt: skip
+    result = train(cfg)
+    assert result.exit_code == 0 and result.progress.global_step == 2
+    state = load_checkpoint(checkpoint_path(tmp_path / "run", "last"))
+    assert any(key.startswith("aux") for key in state["model"]), "aux head weights belong in the checkpoint"
