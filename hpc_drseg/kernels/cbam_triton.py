@@ -68,9 +68,9 @@ def _pool_hw_kernel(
 def _channel_stats_kernel(
     x_ptr, cg_ptr, plane_ptr, C, HW, stride_b, stride_c, stride_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):  # fmt: skip
-    """F2, grid (B, HW blocks): plane[b, 0:3, pixels] = mean_C, max_C and count of the max of x1 = x·cg."""
-    b = tl.program_id(0)
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    """F2, grid (HW blocks, B): plane[b, 0:3, pixels] = mean_C, max_C and count of the max of x1 = x·cg."""
+    b = tl.program_id(1)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
     acc_sum = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     acc_max = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), tl.float32)
@@ -97,11 +97,11 @@ def _spatial_gate_kernel(
     x_ptr, cg_ptr, plane_ptr, w_ptr, out_ptr, C, H, W, c_chunk, stride_b, stride_c, stride_hw,
     K: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):  # fmt: skip
-    """F3, grid (B, HW blocks, C chunks): sg = sigmoid(conv_K×K(plane[0:2])) -> plane[3]; out = x·cg·sg."""
-    b = tl.program_id(0)
+    """F3, grid (HW blocks, B, C chunks): sg = sigmoid(conv_K×K(plane[0:2])) -> plane[3]; out = x·cg·sg."""
+    b = tl.program_id(1)
     pid_c = tl.program_id(2)
     HW = H * W
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
     h, w = hw // W, hw % W
     # the K×K taps as one gather: rows = taps (padded to a power of two), columns = pixels; zero padding K // 2
@@ -121,7 +121,8 @@ def _spatial_gate_kernel(
         c_ok = c < C
         ok = c_ok[:, None] & hw_ok[None, :]
         offs = b * stride_b + c[:, None] * stride_c + hw[None, :] * stride_hw
-        x1 = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(cg_ptr + b * C + c, mask=c_ok)[:, None]
+        gate = tl.load(cg_ptr + b * C + c, mask=c_ok, other=0.0)  # masked lanes must not be NaN: they enter sums
+        x1 = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) * gate[:, None]
         tl.store(out_ptr + offs, (x1 * sg[None, :]).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -130,9 +131,9 @@ def _spatial_grad_kernel(
     g_ptr, x_ptr, cg_ptr, plane_ptr, dz_ptr, C, HW, stride_b, stride_c, stride_hw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):  # fmt: skip
-    """B1, grid (B, HW blocks): dz = dL/d(conv output) = Σ_C(g·x1) · sg·(1 − sg)."""
-    b = tl.program_id(0)
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    """B1, grid (HW blocks, B): dz = dL/d(conv output) = Σ_C(g·x1) · sg·(1 − sg)."""
+    b = tl.program_id(1)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -140,7 +141,8 @@ def _spatial_grad_kernel(
         c_ok = c < C
         ok = c_ok[:, None] & hw_ok[None, :]
         offs = b * stride_b + c[:, None] * stride_c + hw[None, :] * stride_hw
-        x1 = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(cg_ptr + b * C + c, mask=c_ok)[:, None]
+        gate = tl.load(cg_ptr + b * C + c, mask=c_ok, other=0.0)  # masked lanes must not be NaN: they enter sums
+        x1 = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) * gate[:, None]
         acc += tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32) * x1
     sg = tl.load(plane_ptr + b * 4 * HW + 3 * HW + hw, mask=hw_ok, other=0.0)
     tl.store(dz_ptr + b * HW + hw, tl.sum(acc, axis=0) * sg * (1.0 - sg), mask=hw_ok)
@@ -152,12 +154,12 @@ def _channel_grad_kernel(
     stride_b, stride_c, stride_hw,
     K: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):  # fmt: skip
-    """B2, grid (B, HW blocks): per program, its share of dW_spatial and of dcg = Σ_HW dx1·x, plus the per-pixel
+    """B2, grid (HW blocks, B): per program, its share of dW_spatial and of dcg = Σ_HW dx1·x, plus the per-pixel
     gradient reaching x1 through the [mean, max] map: route[b, 0] = ds_mean / C, route[b, 1] = ds_max / count."""
-    b = tl.program_id(0)
-    prog = b * tl.num_programs(1) + tl.program_id(1)
+    b = tl.program_id(1)
+    prog = b * tl.num_programs(0) + tl.program_id(0)
     HW = H * W
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
     h, w = hw // W, hw % W
     plane = plane_ptr + b * 4 * HW
@@ -200,10 +202,10 @@ def _input_grad_kernel(
     g_ptr, x_ptr, cg_ptr, hw_max_ptr, coef_avg_ptr, coef_max_ptr, plane_ptr, route_ptr, dx_ptr, C, HW, c_chunk,
     stride_b, stride_c, stride_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):  # fmt: skip
-    """B4, grid (B, HW blocks, C chunks): dx = dx1·cg + coef_avg + coef_max·[x = max_HW x], x1 recomputed."""
-    b = tl.program_id(0)
+    """B4, grid (HW blocks, B, C chunks): dx = dx1·cg + coef_avg + coef_max·[x = max_HW x], x1 recomputed."""
+    b = tl.program_id(1)
     pid_c = tl.program_id(2)
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
     plane = plane_ptr + b * 4 * HW + hw
     col_max = tl.load(plane + HW, mask=hw_ok, other=0.0)[None, :]
@@ -268,12 +270,13 @@ class LaunchConfig:
     c_chunk: int  # channels per F3/B4 program (a multiple of block_c)
 
     def grids(self, batch: int, channels: int, hw: int) -> tuple[tuple[int, int, int], ...]:
-        """(F1 grid, per-pixel-block grid of F2/B1/B2, chunked grid of F3/B4)."""
+        """(F1 grid, per-pixel-block grid of F2/B1/B2, chunked grid of F3/B4). Pixel blocks go on axis 0, the only
+        axis not limited to 65535 programs."""
         blocks_hw = triton.cdiv(hw, self.block_hw)
         return (
             (batch, triton.cdiv(channels, self.block_c), triton.cdiv(hw, self.pool_chunk)),
-            (batch, blocks_hw, 1),
-            (batch, blocks_hw, triton.cdiv(channels, self.c_chunk)),
+            (blocks_hw, batch, 1),
+            (blocks_hw, batch, triton.cdiv(channels, self.c_chunk)),
         )
 
 
@@ -420,8 +423,8 @@ def _backward(
     dz = torch.empty(batch, height, width, **f32)
     _spatial_grad_kernel[grid_pixels](grad, x, chan[3], plane, dz, channels, hw, *strides, **blocks)
     route = torch.empty(batch, 2, height, width, **f32)
-    dcg_part = torch.empty(batch, grid_pixels[1], channels, **f32)
-    dws_part = torch.empty(batch * grid_pixels[1], 2, k, k, **f32)
+    dcg_part = torch.empty(batch, grid_pixels[0], channels, **f32)
+    dws_part = torch.empty(batch * grid_pixels[0], 2, k, k, **f32)
     w32 = w_spatial.detach().float().contiguous()
     _channel_grad_kernel[grid_pixels](
         grad, x, chan[3], plane, dz, w32, route, dcg_part, dws_part, channels, height, width, *strides, **taps, **blocks

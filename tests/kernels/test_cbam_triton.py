@@ -115,7 +115,7 @@ def launch_shape(x: torch.Tensor) -> dict[str, int]:
     b, c, h, w = x.shape
     cfg = cbam_triton.launch_config(b, c, h * w, cbam_triton._target_programs(x.device))
     pool, pixels, chunks = cfg.grids(b, c, h * w)
-    return {"block_c": cfg.block_c, "block_hw": cfg.block_hw, "c_blocks": pool[1], "hw_blocks": pixels[1],
+    return {"block_c": cfg.block_c, "block_hw": cfg.block_hw, "c_blocks": pool[1], "hw_blocks": pixels[0],
             "pool_splits": pool[2], "c_chunks": chunks[2]}  # fmt: skip
 
 
@@ -272,7 +272,7 @@ def test_interpreter_empty_batch(interpreter_results):
 
 # ---------------------------------------------------------------------------------------- in-process, no kernel
 def test_launch_config_invariants():
-    for c, h, w in bench.PAPER_SHAPES + ((40, 9, 11), (8, 5, 7), (1, 1, 1)):
+    for c, h, w in bench.PAPER_SHAPES + ((40, 9, 11), (8, 5, 7), (1, 1, 1), (48, 1024, 1024)):
         for batch in (1, 4, 16):
             for programs in (1, 64, 4 * 132):
                 cfg = cbam_triton.launch_config(batch, c, h * w, programs)
@@ -284,7 +284,8 @@ def test_launch_config_invariants():
                 # every pixel and channel covered, no program left without work
                 assert (pool[2] - 1) * cfg.pool_chunk < h * w <= pool[2] * cfg.pool_chunk, cfg
                 assert (chunks[2] - 1) * cfg.c_chunk < c <= chunks[2] * cfg.c_chunk, cfg
-                assert (pixels[1] - 1) * cfg.block_hw < h * w <= pixels[1] * cfg.block_hw, cfg
+                assert (pixels[0] - 1) * cfg.block_hw < h * w <= pixels[0] * cfg.block_hw, cfg
+                assert max(pool[1:] + pixels[1:] + chunks[1:]) <= 65535, cfg  # CUDA's limit on grid axes 1 and 2
 
 
 @pytest.mark.parametrize(
