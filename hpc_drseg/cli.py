@@ -161,6 +161,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise ValueError(f"unknown benchmark {args.what!r}")
 
 
+# -------------------------------------------------------------------------------------------------------- sweeps
+SWEEP_ACTIONS = ("run", "status", "collect")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hpc_drseg import sweep
+
+    words = list(args.overrides)
+    action = words.pop(0) if words and words[0] in SWEEP_ACTIONS else "run"
+    if action == "run":
+        if not args.config:
+            raise ValueError("drseg sweep run needs --config SWEEP.yaml (e.g. configs/sweep_loss_weights.yaml)")
+        _setup_logging()
+        result = sweep.run_sweep(args.config, words, executor=args.executor, sweep_dir=args.sweep_dir,
+                                 resume=args.resume, wait=args.wait)  # fmt: skip
+        print(sweep.format_run(result))
+        if result.get("summary"):
+            print(Path(result["summary"]).read_text(), end="")
+        elif result.get("submitted"):
+            print(f"follow it with: drseg sweep status {result['sweep_dir']}")
+        return 0
+    if len(words) != 1 or "=" in words[0]:
+        raise ValueError(f"usage: drseg sweep {action} SWEEP_DIR (got {words or 'no folder'})")
+    if action == "status":
+        rows = sweep.sweep_status(words[0])
+        print(json.dumps(rows, indent=2) if args.json else sweep.format_status(rows))
+        return 0
+    paths = sweep.collect_sweep(words[0], rank_by=args.rank_by)
+    print(paths["md"].read_text(), end="")
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="grid/random sweeps × seeds as one submitit job array; status; summary",
+        description="drseg sweep [run] --config SWEEP.yaml [--executor slurm|local|debug] [key=value …] | "
+        "drseg sweep status SWEEP_DIR | drseg sweep collect SWEEP_DIR [--rank-by METRIC]",
+    )
+    p.add_argument("overrides", nargs="*", metavar="[run|status|collect] [SWEEP_DIR] [key=value]",
+                   help="action (default run), the sweep folder (status, collect), sweep-spec overrides (run)")
+    p.add_argument("--config", "-c", help="sweep spec YAML (see configs/sweep_*.yaml)")
+    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override executor.kind")
+    p.add_argument("--sweep-dir", default=None, help="output folder (default: sweep_dir of the spec, else sweeps/NAME)")
+    p.add_argument("--resume", action="store_true", help="rerun the failed / never-submitted trials of SWEEP_DIR")
+    p.add_argument("--wait", action="store_true", help="slurm: wait for the array to finish, then collect")
+    p.add_argument("--rank-by", default=None, help="collect: summary column to rank by (default: eval.rank_by)")
+    p.add_argument("--json", action="store_true", help="status: print JSON")
+    p.set_defaults(func=cmd_sweep)
+
+
 # ------------------------------------------------------------------------------------------------------- parsing
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML file of partial overrides (see configs/)")
@@ -243,6 +295,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-px", type=int, default=512, help="image side for the augmentation-only figure")
     p.add_argument("--preset", default="paper", choices=("paper", "light", "none"), help="augmentation preset")
     p.set_defaults(func=cmd_bench)
+    _add_sweep_parser(sub)
     return parser
 
 
