@@ -34,8 +34,8 @@ from hpc_drseg.models.cbam import cbam_eager  # noqa: E402
 
 RESULT_PREFIX = "CBAM-CHECKS "
 GRAD_NAMES = ("x", "w_fc1", "w_fc2", "w_spatial")
-# ‖triton − float64 reference‖ / ‖reference‖. bf16: the interpreter rounds fp32 → bf16 toward zero (≈4e-3 here);
-# compiled Triton rounds to nearest (≈2e-3, like eager).
+# ‖triton − float64 reference‖ / ‖reference‖. bf16: the interpreter rounds fp32 → bf16 toward zero (≈3.4e-3 here,
+# eager ≈2e-3); compiled Triton rounds to nearest, as eager does.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
 RAGGED = {"channels": 40, "shape": (2, 9, 11)}  # 40 = 32 + 8 channels, 9·11 = 64 + 35 pixels: ragged blocks
@@ -62,7 +62,7 @@ def make_case(
     channels: int, shape: tuple[int, int, int], k: int = 7, dtype: str = "float32", channels_last: bool = False,
     ties: bool = False, device: str = "cpu", seed: int = 0,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
-    """[x, w_fc1, w_fc2, w_spatial] and an upstream gradient, random (never zeros), in `dtype` on `device`."""
+    """[x, w_fc1, w_fc2, w_spatial] and an upstream gradient, random (with planted exact ties if `ties`)."""
     gen = torch.Generator().manual_seed(seed)
     b, h, w = shape
     hidden = max(1, channels // 16)
