@@ -182,7 +182,8 @@ SlurmctldPort=$ctld_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$state/munge/munge.socket
+# cred_expire also delays a requeued job's restart (default 120 s); a local cluster needs no such margin.
+AuthInfo=socket=$state/munge/munge.socket,cred_expire=5
 CredType=cred/munge
 StateSaveLocation=$state/ctld
 SlurmdSpoolDir=$state/spool/%n
@@ -197,6 +198,8 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Scheduling passes every second (defaults 60/30 s): a requeued job restarts as soon as its begin time comes.
+SchedulerParameters=sched_interval=1,bf_interval=1
 ReturnToService=2
 MailProg=/bin/true
 MpiDefault=none

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Trains, then evaluates, one hpc_drseg run as a SLURM batch job; checkpoints and requeues itself before its time
+# limit or on preemption, and the requeued job resumes. Usage (from the repository or any folder with logs/):
+#   sbatch [--nodes=N] [--gpus-per-node=G] [--array=0-4] slurm/train.sh [CONFIG] [key=value …]
+# Environment: DRSEG_VENV, DRSEG_CPU_PROCS, DRSEG_ACCELERATE_CONFIG, DRSEG_GPUS_PER_NODE (see docs/cluster.md).
+#SBATCH --job-name=drseg
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=12:00:00
+#SBATCH --signal=B:USR2@90
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+
+EXIT_RESUMABLE=75  # hpc_drseg.train.signals: "checkpoint written, run me again"
+DEFAULT_CONFIG=configs/attention_deeplab.yaml
+
+say() { echo "[train.sh $(date '+%F %T')] $*" >&2; }
+
+# Outside a job, `slurm/train.sh [SBATCH_OPTION…] [CONFIG] [key=value…]` creates logs/ (sbatch fails a job whose
+# --output folder is missing) and submits this script with those options.
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  sbatch_options=()
+  while [ $# -gt 0 ] && [[ "$1" == -* ]]; do
+    sbatch_options+=("$1")
+    shift
+  done
+  mkdir -p logs
+  exec sbatch "${sbatch_options[@]}" "${BASH_SOURCE[0]}" "$@"
+fi
+
+cd "${SLURM_SUBMIT_DIR:-.}"
+mkdir -p logs
+venv="${DRSEG_VENV:-$PWD/.venv}"
+if [ -f "$venv/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  source "$venv/bin/activate"
+fi
+export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
+
+config="$DEFAULT_CONFIG"
+if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then
+  config="$1"
+  shift
+fi
+overrides=("$@")
+
+has_override() { local arg; for arg in "${overrides[@]}"; do [[ "$arg" == "$1="* ]] && return 0; done; return 1; }
+
+# Run directory as the trainer will resolve it (train.run_dir, else runs/<config stem>); validates the config too.
+resolve_run_dir() {
+  python - "$config" "${overrides[@]}" <<'PY'
+import sys
+
+from hpc_drseg.config import load_config
+
+print(load_config(sys.argv[1], sys.argv[2:]).run_dir)
+PY
+}
+
+# Array jobs train one seed per task, each in its own run directory, unless the user chose them.
+add_array_overrides() {
+  [ -n "${SLURM_ARRAY_TASK_ID:-}" ] || return 0
+  local task="$SLURM_ARRAY_TASK_ID"
+  if has_override train.run_dir; then
+    say "warning: train.run_dir given in an array job: all tasks share it"
+  else
+    overrides+=("train.run_dir=$(resolve_run_dir)-seed$task")
+  fi
+  has_override train.seed || overrides+=("train.seed=$task")
+}
+
+# Processes per node: one per allocated GPU; without GPUs DRSEG_CPU_PROCS (default 1) CPU processes on gloo.
+procs_per_node() {
+  local gpus="${DRSEG_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}"
+  if [ "$gpus" -gt 0 ]; then echo "$gpus"; else echo "${DRSEG_CPU_PROCS:-1}"; fi
+}
+
+# Each job gets its own rendezvous port, so two jobs sharing a node don't collide.
+main_port() { echo $((20000 + SLURM_JOB_ID % 20000)); }
+
+# The first node's address as SLURM knows it (NodeAddr; equals the host name on most clusters).
+main_address() {
+  local first
+  first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1
+}
+
+build_command() {
+  local nodes="${SLURM_JOB_NUM_NODES:-1}" per_node train=(-m hpc_drseg train --config "$config" "${overrides[@]}")
+  local launch=(launch)
+  per_node="$(procs_per_node)"
+  if [ -n "${DRSEG_ACCELERATE_CONFIG:-}" ]; then
+    launch+=(--config_file "$DRSEG_ACCELERATE_CONFIG")
+  else  # precision is our config's train.precision; these only silence accelerate's "defaults used" notice
+    launch+=(--mixed_precision no --dynamo_backend no)
+  fi
+  if [ "$nodes" -gt 1 ]; then
+    export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun no longer inherits --cpus-per-task (Slurm >= 22.05)
+    local quoted
+    quoted="$(printf ' %q' accelerate "${launch[@]}" --multi_gpu --num_machines "$nodes" \
+      --num_processes $((nodes * per_node)) --main_process_ip "$(main_address)" --main_process_port "$(main_port)")"
+    # $SLURM_NODEID stays quoted: each node's task expands its own rank, not the batch shell once for all.
+    command=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c
+      "exec$quoted --machine_rank \"\$SLURM_NODEID\"$(printf ' %q' "${train[@]}")")
+  elif [ "$per_node" -gt 1 ]; then
+    command=(accelerate "${launch[@]}" --multi_gpu --num_machines 1 --num_processes "$per_node"
+      --main_process_port "$(main_port)" "${train[@]}")
+  else
+    command=(python "${train[@]}")
+  fi
+}
+
+# bash runs a trap only after a foreground child exits: the launcher runs in the background and is waited for.
+# USR2 (time limit, --signal=B:USR2@90) and TERM (scancel, preemption) reach the launcher as TERM: the trainer
+# checkpoints on either, and torchrun/accelerate forward TERM to their workers but die on an untrapped USR2.
+on_stop_signal() {
+  stop_signal="$1"
+  if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; fi
+}
+
+run_launcher() {
+  "${command[@]}" &
+  child=$!
+  local status
+  while :; do
+    status=0
+    wait "$child" || status=$?
+    kill -0 "$child" 2>/dev/null || break  # still alive: wait was cut short by a trapped signal
+  done
+  child=""
+  return "$status"
+}
+
+requeue() {
+  say "checkpoint written (stop signal: ${stop_signal:-none}); requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || { say "scontrol requeue failed; resubmit by hand to resume"; exit 1; }
+  exit 0
+}
+
+main() {
+  stop_signal="" child=""
+  trap 'on_stop_signal USR2' USR2
+  trap 'on_stop_signal TERM' TERM
+  add_array_overrides
+  local run_dir status=0
+  run_dir="$(resolve_run_dir)"
+  build_command
+  say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run $run_dir"
+  [ -z "$stop_signal" ] || requeue  # stopped before training even started
+  say "launch: ${command[*]}"
+  run_launcher || status=$?
+  # Multi-process launchers report a worker's 75 as their own failure: after a stop signal any failure of the
+  # launcher means "stopped", and the trainer resumes from RUN/checkpoints/last.pt.
+  if [ "$status" -eq "$EXIT_RESUMABLE" ] || { [ -n "$stop_signal" ] && [ "$status" -ne 0 ]; }; then
+    requeue
+  fi
+  if [ "$status" -ne 0 ]; then
+    say "training failed with status $status"
+    exit "$status"
+  fi
+  say "training done; evaluating $run_dir"
+  python -m hpc_drseg eval --run "$run_dir"
+}
+
+main
