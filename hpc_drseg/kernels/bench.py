@@ -265,7 +265,7 @@ def format_cbam_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['batch']} | {c}×{h}×{w} | {row['dtype']} | {'CL' if row['channels_last'] else 'NCHW'} | "
             f"{row['impl']} | {_fmt(row.get('fwd_ms'), '.4f')} | {_fmt(row.get('fwd_bwd_ms'), '.4f')} | "
-            f"{_fmt(row.get('fwd_bwd_gbps'), '.1f')} | {_fmt(row.get('fwd_bwd_of_copy'), '.1%')} | "
+            f"{_fmt(row.get('fwd_bwd_gbps'), '.3g')} | {_fmt(row.get('fwd_bwd_of_copy'), '.1%')} | "
             f"{_fmt(row.get('speedup_vs_eager'), '.2f', '×')} | {row['note']} |"
         )
     train = [r for r in rows if r["kind"] == "train_step"]
