@@ -144,6 +144,20 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
 
 
+def _bench_cbam(args: argparse.Namespace) -> int:
+    from hpc_drseg.kernels.bench import PAPER_BATCH_SIZES, PAPER_SHAPES, benchmark_cbam, format_cbam_table, parse_shapes
+
+    rows = benchmark_cbam(
+        parse_shapes(args.shapes) if args.shapes else PAPER_SHAPES,
+        [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else PAPER_BATCH_SIZES,
+        args.dtype, not args.nchw, args.impls.split(","), iters=args.iters,
+        train_step=not args.no_train_step, train_image_px=args.image_px, train_steps=args.steps,
+        train_warmup=args.warmup, train_overrides=args.overrides,
+    )  # fmt: skip
+    print(format_cbam_table(rows))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "data":
         from hpc_drseg.data.bench import benchmark_data, format_table
@@ -152,6 +166,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = benchmark_data(args.shards, workers, args.seconds, image_px=args.image_px, preset=args.preset)
         print(format_table(rows))
         return 0
+    if args.what == "cbam":
+        return _bench_cbam(args)
     if args.what == "train":
         from hpc_drseg.train.bench import benchmark_train
 
@@ -285,14 +301,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks that print figures (data loading, …)")
-    p.add_argument("what", choices=("data", "train"), help="data: loader samples/s; train: training step img/s")
+    p.add_argument("what", choices=("data", "train", "cbam"),
+                   help="data: loader samples/s; train: training step img/s; cbam: fused vs eager CBAM")  # fmt: skip
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=20, help="timed training steps (train benchmark, default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (train benchmark, default 3)")
+    p.add_argument("--shapes", default=None, help="cbam: CxHxW list, e.g. 256x16x16,48x128x128 (default: paper's)")
+    p.add_argument("--batch-sizes", default=None, help="cbam: comma-separated batch sizes (default 4,16)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="cbam: input dtype")
+    p.add_argument("--nchw", action="store_true", help="cbam: NCHW instead of channels_last")
+    p.add_argument("--impls", default="eager,compile,triton", help="cbam: implementations to time")
+    p.add_argument("--iters", type=int, default=50, help="cbam: timed iterations per setting")
+    p.add_argument("--no-train-step", action="store_true", help="cbam: skip the full training-step comparison")
     p.add_argument("--shards", default=None, help="shard folder (data benchmark)")
     p.add_argument("--workers", default="1,2", help="comma-separated loader worker counts (default 1,2)")
     p.add_argument("--seconds", type=float, default=10.0, help="measuring time per setting (default 10)")
-    p.add_argument("--image-px", type=int, default=512, help="image side for the augmentation-only figure")
+    p.add_argument("--image-px", type=int, default=512, help="data: augmentation-only image side; cbam: training-step image side")
     p.add_argument("--preset", default="paper", choices=("paper", "light", "none"), help="augmentation preset")
     p.set_defaults(func=cmd_bench)
     _add_sweep_parser(sub)
