@@ -2,7 +2,8 @@
 # Trains, then evaluates, one hpc_drseg run as a SLURM batch job; checkpoints and requeues itself before its time
 # limit or on preemption, and the requeued job resumes. Usage (from the repository or any folder with logs/):
 #   sbatch [--nodes=N] [--gpus-per-node=G] [--array=0-4] slurm/train.sh [CONFIG] [key=value …]
-# Environment: DRSEG_VENV, DRSEG_CPU_PROCS, DRSEG_ACCELERATE_CONFIG, DRSEG_GPUS_PER_NODE (see docs/cluster.md).
+# Environment: DRSEG_VENV, DRSEG_CPU_PROCS, DRSEG_ACCELERATE_CONFIG, DRSEG_GPUS_PER_NODE, DRSEG_DRY_RUN
+# (see docs/cluster.md).
 #SBATCH --job-name=drseg
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -26,6 +27,11 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   sbatch_options=()
   while [ $# -gt 0 ] && [[ "$1" == -* ]]; do
     sbatch_options+=("$1")
+    # sbatch's short options that take a value (-c 8, -N 2, -t 1:00:00); long ones need --name=value here.
+    if [[ "$1" =~ ^-[AabcDdeGiJLMmNnopqStwx]$ ]] && [ $# -gt 1 ]; then
+      sbatch_options+=("$2")
+      shift
+    fi
     shift
   done
   mkdir -p logs
@@ -89,9 +95,11 @@ main_address() {
   scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1
 }
 
+# DRSEG_DRY_RUN=1: every task prints the command it would run (with its own machine rank) instead of running it.
 build_command() {
   local nodes="${SLURM_JOB_NUM_NODES:-1}" per_node train=(-m hpc_drseg train --config "$config" "${overrides[@]}")
-  local launch=(launch)
+  local launch=(launch) exec_word=exec
+  [ "${DRSEG_DRY_RUN:-0}" = 1 ] && exec_word="exec echo"
   per_node="$(procs_per_node)"
   if [ -n "${DRSEG_ACCELERATE_CONFIG:-}" ]; then
     launch+=(--config_file "$DRSEG_ACCELERATE_CONFIG")
@@ -105,13 +113,14 @@ build_command() {
       --num_processes $((nodes * per_node)) --main_process_ip "$(main_address)" --main_process_port "$(main_port)")"
     # $SLURM_NODEID stays quoted: each node's task expands its own rank, not the batch shell once for all.
     command=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c
-      "exec$quoted --machine_rank \"\$SLURM_NODEID\"$(printf ' %q' "${train[@]}")")
+      "$exec_word$quoted --machine_rank \"\$SLURM_NODEID\"$(printf ' %q' "${train[@]}")")
   elif [ "$per_node" -gt 1 ]; then
     command=(accelerate "${launch[@]}" --multi_gpu --num_machines 1 --num_processes "$per_node"
       --main_process_port "$(main_port)" "${train[@]}")
   else
     command=(python "${train[@]}")
   fi
+  if [ "${DRSEG_DRY_RUN:-0}" = 1 ] && [ "$nodes" -le 1 ]; then command=(echo "${command[@]}"); fi
 }
 
 # bash runs a trap only after a foreground child exits: the launcher runs in the background and is waited for.
@@ -162,6 +171,7 @@ main() {
     say "training failed with status $status"
     exit "$status"
   fi
+  [ "${DRSEG_DRY_RUN:-0}" = 1 ] && exit 0
   say "training done; evaluating $run_dir"
   python -m hpc_drseg eval --run "$run_dir"
 }

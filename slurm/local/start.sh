@@ -46,8 +46,11 @@ install_packages() {
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# The layout asked for; a running cluster with another layout is restarted.
+settings() { echo "nodes=$num_nodes fake_gpus=$fake_gpus"; }
+
 all_running() {
-  [ -s "$state/etc/slurm.conf" ] || return 1
+  [ -s "$state/etc/slurm.conf" ] && [ "$(cat "$state/etc/settings" 2>/dev/null)" = "$(settings)" ] || return 1
   local pidfile
   for pidfile in "$state"/run/{munged,mariadbd,slurmdbd,slurmctld}.pid $(node_pidfiles); do
     pid_alive "$pidfile" || return 1
@@ -246,6 +249,7 @@ start_all() {
   write_slurmdbd_conf
   write_gres_conf
   write_slurm_conf
+  settings >"$state/etc/settings"
   start_slurm
 }
 

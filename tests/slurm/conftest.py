@@ -1,6 +1,7 @@
 """Session fixture `slurm_cluster`: a real throw-away SLURM cluster (slurm/local/start.sh), stopped after the session.
 
-Two slurmd "nodes" on this host, accounting through slurmdbd (so `sacct` and submitit see job states). Tests using it
+Two slurmd "nodes" on this host with 2 fake GPUs each (gres; CUDA stays absent, so training runs on CPU), accounting
+through slurmdbd (so `sacct` and submitit see job states). Tests using it
 are marked `slurm`; they skip only where start.sh says SLURM can't be started here (exit 77: not root, no packages).
 """
 
@@ -21,6 +22,7 @@ START_SH = REPO / "slurm" / "local" / "start.sh"
 STOP_SH = REPO / "slurm" / "local" / "stop.sh"
 CANNOT_START = 77  # start.sh's exit status for "not root / packages can't be installed"
 CLUSTER_NODES = 2
+FAKE_GPUS_PER_NODE = 2  # gres/gpu entries backed by /dev/null-like files: jobs can ask for GPUs, CUDA stays absent
 START_TIMEOUT_S = 900  # installing the Debian packages on a fresh machine takes ~1 min, more on a slow mirror
 # Job states after which a job never runs again (sacct's words; REQUEUED/PENDING/RUNNING are not among them).
 FINAL_STATES = frozenset(
@@ -73,7 +75,7 @@ class SlurmCluster:
 
 def _start(state_dir: Path) -> SlurmCluster:
     t0 = time.monotonic()
-    env = {**os.environ, "DRSEG_SLURM_NODES": str(CLUSTER_NODES)}
+    env = {**os.environ, "DRSEG_SLURM_NODES": str(CLUSTER_NODES), "DRSEG_FAKE_GPUS": str(FAKE_GPUS_PER_NODE)}
     try:
         result = subprocess.run(["bash", str(START_SH), str(state_dir)], env=env, capture_output=True, text=True,
                                 timeout=START_TIMEOUT_S)  # fmt: skip

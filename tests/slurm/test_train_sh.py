@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,36 @@ def test_cluster_runs_and_accounts_a_job_on_every_node(slurm_cluster, tmp_path: 
     assert slurm_cluster.wait_state(job, timeout_s=60) == "COMPLETED"
     lines = sorted((tmp_path / f"out-{job}.txt").read_text().split("\n"))
     assert [line for line in lines if line] == [f"node={n} id={i}" for i, n in enumerate(slurm_cluster.nodes)]
+
+
+# sbatch options → what each task would launch (DRSEG_DRY_RUN=1 prints it): one process per allocated GPU,
+# DRSEG_CPU_PROCS without GPUs, srun with one task per node, each expanding its own machine rank.
+LAUNCH_CASES = {
+    "two_gpus": (["--gpus-per-node=2"], {}, ["accelerate launch * --multi_gpu --num_machines 1 --num_processes 2 "
+                                            "--main_process_port {port} -m hpc_drseg train *"]),
+    "one_gpu": (["--gpus-per-node=1"], {}, ["python -m hpc_drseg train *"]),
+    "cpu_procs": (["--gpus-per-node=0"], {"DRSEG_CPU_PROCS": "2"}, ["accelerate launch * --num_processes 2 *"]),
+    "two_nodes": (["--nodes=2", "--gpus-per-node=2"], {}, [
+        f"accelerate launch * --num_machines 2 --num_processes 4 --main_process_ip 127.0.0.1 --main_process_port "
+        f"{{port}} --machine_rank {rank} -m hpc_drseg train *" for rank in (0, 1)]),
+}
+
+
+def test_launch_command_follows_the_allocation(slurm_cluster, tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    jobs = {}
+    for name, (options, env, _) in LAUNCH_CASES.items():
+        jobs[name] = slurm_cluster.sbatch([*options, "--cpus-per-task=1", f"--job-name={name}", str(TRAIN_SH),
+                                           str(DEBUG_CONFIG), "train.batch_size=1"],
+                                          cwd=tmp_path, env=job_env(DRSEG_DRY_RUN="1", **env))  # fmt: skip
+    for name, (_, _, patterns) in LAUNCH_CASES.items():
+        assert slurm_cluster.wait_state(jobs[name], timeout_s=60) == "COMPLETED", name
+        printed = [line for line in (tmp_path / "logs" / f"{name}-{jobs[name]}.out").read_text().splitlines()
+                   if not line.startswith("[train.sh")]  # fmt: skip
+        port = 20000 + jobs[name] % 20000  # a port per job: two jobs on one node don't collide
+        wanted = [p.format(port=port) for p in patterns]
+        assert len(printed) == len(wanted) and all(fnmatchcase(line, p) for line, p in zip(sorted(printed), wanted)), (
+            name, printed)
 
 
 @pytest.fixture(scope="module")
