@@ -101,6 +101,9 @@ build_command() {
   local launch=(launch) exec_word=exec
   [ "${DRSEG_DRY_RUN:-0}" = 1 ] && exec_word="exec echo"
   per_node="$(procs_per_node)"
+  # Each process's math threads share the task's CPUs (torch would use every core of the node otherwise).
+  local cpus="${SLURM_CPUS_PER_TASK:-1}"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cpus / per_node > 0 ? cpus / per_node : 1))}"
   if [ -n "${DRSEG_ACCELERATE_CONFIG:-}" ]; then
     launch+=(--config_file "$DRSEG_ACCELERATE_CONFIG")
   else  # precision is our config's train.precision; these only silence accelerate's "defaults used" notice
@@ -112,7 +115,8 @@ build_command() {
     quoted="$(printf ' %q' accelerate "${launch[@]}" --multi_gpu --num_machines "$nodes" \
       --num_processes $((nodes * per_node)) --main_process_ip "$(main_address)" --main_process_port "$(main_port)")"
     # $SLURM_NODEID stays quoted: each node's task expands its own rank, not the batch shell once for all.
-    command=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c
+    # --unbuffered: progress bars (lines ending in \r) reach the log as they are drawn, not at the epoch's end.
+    command=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 --unbuffered bash -c
       "$exec_word$quoted --machine_rank \"\$SLURM_NODEID\"$(printf ' %q' "${train[@]}")")
   elif [ "$per_node" -gt 1 ]; then
     command=(accelerate "${launch[@]}" --multi_gpu --num_machines 1 --num_processes "$per_node"
@@ -124,11 +128,25 @@ build_command() {
 }
 
 # bash runs a trap only after a foreground child exits: the launcher runs in the background and is waited for.
-# USR2 (time limit, --signal=B:USR2@90) and TERM (scancel, preemption) reach the launcher as TERM: the trainer
-# checkpoints on either, and torchrun/accelerate forward TERM to their workers but die on an untrapped USR2.
+# USR2 (time limit, --signal=B:USR2@90) and TERM (scancel, preemption) reach the training processes as TERM: the
+# trainer checkpoints on either, and torchrun/accelerate pass TERM on to their workers but die on a USR2.
 on_stop_signal() {
   stop_signal="$1"
-  if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; fi
+  [ -n "$child" ] || return 0
+  if [ "${command[0]}" = srun ]; then
+    signal_steps
+  else
+    kill -TERM "$child" 2>/dev/null || true
+  fi
+}
+
+# srun answers TERM by killing its tasks at once. SLURM itself delivers a step signal to every process of the step
+# (launchers and workers) on every node, as a preemption does.
+signal_steps() {
+  local step
+  for step in $(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null); do
+    if [[ "$step" =~ \.[0-9]+$ ]]; then scancel --signal=TERM "$step" 2>/dev/null || true; fi
+  done
 }
 
 run_launcher() {
@@ -145,7 +163,7 @@ run_launcher() {
 }
 
 requeue() {
-  say "checkpoint written (stop signal: ${stop_signal:-none}); requeueing job $SLURM_JOB_ID"
+  say "$1; requeueing job $SLURM_JOB_ID (it resumes from the run's checkpoints/last.pt)"
   scontrol requeue "$SLURM_JOB_ID" || { say "scontrol requeue failed; resubmit by hand to resume"; exit 1; }
   exit 0
 }
@@ -159,13 +177,13 @@ main() {
   run_dir="$(resolve_run_dir)"
   build_command
   say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run $run_dir"
-  [ -z "$stop_signal" ] || requeue  # stopped before training even started
+  [ -z "$stop_signal" ] || requeue "stopped by $stop_signal before training started"
   say "launch: ${command[*]}"
   run_launcher || status=$?
   # Multi-process launchers report a worker's 75 as their own failure: after a stop signal any failure of the
   # launcher means "stopped", and the trainer resumes from RUN/checkpoints/last.pt.
   if [ "$status" -eq "$EXIT_RESUMABLE" ] || { [ -n "$stop_signal" ] && [ "$status" -ne 0 ]; }; then
-    requeue
+    requeue "training stopped by ${stop_signal:-a signal} (status $status)"
   fi
   if [ "$status" -ne 0 ]; then
     say "training failed with status $status"

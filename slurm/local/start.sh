@@ -98,7 +98,7 @@ start_munge() {
   fi
   # --force: as root, accept a state folder below a private one (pytest's tmp) that other users can't traverse.
   munged --force --socket="$state/munge/munge.socket" --key-file="$key" --pid-file="$state/run/munged.pid" \
-    --log-file="$state/log/munged.log" --seed-file="$state/munge/munge.seed" --num-threads=2
+    --log-file="$state/log/munged.log" --seed-file="$state/munge/munge.seed" --num-threads=2 8>&-
   wait_for munged 20 "$state/log/munged.log" munge --socket="$state/munge/munge.socket" -n
 }
 
@@ -115,7 +115,7 @@ start_mariadb() {
     --port="$db_port" --bind-address=127.0.0.1 --pid-file="$state/run/mariadbd.pid" \
     --log-error="$state/log/mariadbd.log" --skip-name-resolve --skip-log-bin --innodb-buffer-pool-size=64M \
     --innodb-log-file-size=16M --innodb-flush-log-at-trx-commit=0 --innodb-lock-wait-timeout=900 \
-    </dev/null >/dev/null 2>&1 &
+    </dev/null >/dev/null 2>&1 8>&- &
   wait_for mariadbd 60 "$state/log/mariadbd.log" mysql -e "SELECT 1"
   mysql <<SQL
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
@@ -222,15 +222,15 @@ EOC
 
 start_slurm() {
   export SLURM_CONF="$state/etc/slurm.conf"
-  slurmdbd
+  slurmdbd 8>&-
   wait_for slurmdbd 30 "$state/log/slurmdbd.log" sacctmgr -n show cluster
   # Registered before slurmctld starts, so its first jobs are accounted (submitit polls sacct).
   sacctmgr -i -Q add cluster drseg >/dev/null 2>&1 || true
-  slurmctld
+  slurmctld 8>&-
   wait_for slurmctld 30 "$state/log/slurmctld.log" scontrol ping
   local name
   for name in $(node_names); do
-    if [ "$num_nodes" -eq 2 ]; then slurmd -N "$name"; else slurmd; fi
+    if [ "$num_nodes" -eq 2 ]; then slurmd -N "$name" 8>&-; else slurmd 8>&-; fi
   done
   wait_for "idle node(s)" 60 "$state/log/slurmctld.log" nodes_idle
 }
@@ -266,8 +266,9 @@ main() {
   check_arguments
   trap on_exit EXIT
   mkdir -p "$(dirname "$state")"
+  # fd 8 holds the lock; daemons are started with it closed, or a killed start.sh would leave it held by them.
   exec 8>"$global_lock"
-  flock 8
+  flock -w 900 8 || die "another slurm/local/start.sh has held $global_lock for 15 min"
   install_packages
   if all_running; then
     say "already running in $state"

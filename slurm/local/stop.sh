@@ -26,15 +26,16 @@ stop_group() {
     fi
     rm -f "$pidfile"
   done
-  local i waited=0
+  local i deadline=$((SECONDS + 20)) killed
   for i in "${!pids[@]}"; do
+    killed=0
     while kill -0 "${pids[$i]}" 2>/dev/null; do
-      if [ "$waited" -eq 200 ]; then
+      if [ "$SECONDS" -ge "$deadline" ] && [ "$killed" -eq 0 ]; then
         say "${names[$i]} (${pids[$i]}) ignored SIGTERM for 20 s; sending SIGKILL"
         kill -KILL "${pids[$i]}" 2>/dev/null
+        killed=1
       fi
       sleep 0.1
-      waited=$((waited + 1))
     done
     say "stopped ${names[$i]} (${pids[$i]})"
   done

@@ -1,4 +1,7 @@
-"""slurm/train.sh on a real local SLURM cluster (tests/slurm/conftest.py): CPU training, two nodes, preemption."""
+"""slurm/train.sh on a real local SLURM cluster (tests/slurm/conftest.py): launch choice, CPU training, preemption.
+
+The three training jobs are submitted together (they fit side by side on the two 2-CPU nodes) and checked one by one.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SH = REPO / "slurm" / "train.sh"
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
-NO_GPU = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the script's default asks for a GPU; this cluster has none
-JOB_TIMEOUT_S = 300
+NO_GPU = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the script's default asks for a GPU and 8 CPUs
+JOB_TIMEOUT_S = 400
+PREEMPTED_STEPS = 3  # one epoch; the stop signal comes after step 1, so the requeued job resumes mid-epoch
 
 
-def tiny_overrides(shards: Path, steps_per_epoch: int = 1, epochs: int = 1) -> list[str]:
-    return [f"data.shards={shards}", f"train.steps_per_epoch={steps_per_epoch}", f"train.max_epochs={epochs}",
+def tiny_overrides(shards: Path, steps_per_epoch: int = 1) -> list[str]:
+    return [f"data.shards={shards}", f"train.steps_per_epoch={steps_per_epoch}", "train.max_epochs=1",
             "eval.histogram_bins=1000"]  # fmt: skip
 
 
@@ -33,15 +37,15 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def job_log(folder: Path) -> str:
-    """The job's output file (logs/%x-%j.out), progress-bar carriage returns turned into lines."""
+    """The job's output file (logs/%x-%j.out), progress-bar carriage returns turned into line breaks."""
     logs = sorted((folder / "logs").glob("drseg-*.out"))
-    assert len(logs) == 1, logs
-    return logs[0].read_text(errors="replace").replace("\r", "\n")
+    assert len(logs) <= 1, logs
+    return logs[0].read_text(errors="replace").replace("\r", "\n") if logs else ""
 
 
 def finished(cluster, job: int, folder: Path, want: str = "COMPLETED") -> str:
     state = cluster.wait_state(job, timeout_s=JOB_TIMEOUT_S)
-    log = job_log(folder) if (folder / "logs").is_dir() else "(no log)"
+    log = job_log(folder)
     assert state == want, f"job {job} ended {state}; its log:\n{log[-6000:]}"
     return log
 
@@ -85,25 +89,49 @@ def test_launch_command_follows_the_allocation(slurm_cluster, tmp_path: Path) ->
             name, printed)
 
 
+def step_logged(folder: Path) -> bool:
+    """Rank 0's progress bar shows a finished step of epoch 0: the trainer's signal handler is installed."""
+    return re.search(r"^epoch 0: .*\|\s*[1-9]\d*/\d+ ", job_log(folder), re.MULTILINE) is not None
+
+
+def interrupt_after_first_step(cluster, jobs: dict[str, tuple[int, Path]]) -> None:
+    """Sends each job what --signal=B:USR2@90 sends before the time limit: USR2 to the batch shell only."""
+    waiting, deadline = dict(jobs), time.monotonic() + JOB_TIMEOUT_S
+    while waiting and time.monotonic() < deadline:
+        for name, (job, folder) in list(waiting.items()):
+            if step_logged(folder):
+                cluster.run(["scancel", "--signal=USR2", "--batch", str(job)])
+                del waiting[name]
+        time.sleep(0.3)
+    assert not waiting, f"no training step logged by {sorted(waiting)} within {JOB_TIMEOUT_S} s"
+
+
 @pytest.fixture(scope="module")
-def submitted(slurm_cluster, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Path]]:
-    """Submits the one-node array task and the two-node job together (they fit side by side): name → (job, folder)."""
-    single, double = tmp_path_factory.mktemp("array_job"), tmp_path_factory.mktemp("two_node_job")
-    (single / "logs").mkdir()
-    array_job = slurm_cluster.sbatch([*NO_GPU, "--array=3", str(TRAIN_SH), str(DEBUG_CONFIG),
-                                      *tiny_overrides(shards_dir)], cwd=single, env=job_env())  # fmt: skip
-    jobs = {"array": (array_job, single)}
-    if len(slurm_cluster.nodes) >= 2:
-        # Run directly, the script creates logs/ and submits itself with the leading sbatch options.
-        out = slurm_cluster.run(["bash", str(TRAIN_SH), "--parsable", "--nodes=2", *NO_GPU, str(DEBUG_CONFIG),
-                                 *tiny_overrides(shards_dir)], cwd=double, env=job_env()).stdout  # fmt: skip
-        jobs["two_node"] = (int(out.strip()), double)
-    return jobs
+def jobs(slurm_cluster, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Path]]:
+    """name → (job id, submit folder): an array task, and a one-node and a two-node job that get preempted."""
+    if len(slurm_cluster.nodes) < 2:
+        pytest.fail("the test cluster should have two nodes (tests/slurm/conftest.py CLUSTER_NODES)")
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("array", "one_node", "two_nodes")}
+    preempted = [*tiny_overrides(shards_dir, PREEMPTED_STEPS), "train.run_dir=runs/preempted"]
+    submitted = {}
+    (folders["array"] / "logs").mkdir()
+    submitted["array"] = slurm_cluster.sbatch([*NO_GPU, "--array=3", str(TRAIN_SH), str(DEBUG_CONFIG),
+                                               *tiny_overrides(shards_dir)], cwd=folders["array"], env=job_env())
+    (folders["one_node"] / "logs").mkdir()
+    submitted["one_node"] = slurm_cluster.sbatch([*NO_GPU, str(TRAIN_SH), str(DEBUG_CONFIG), *preempted],
+                                                 cwd=folders["one_node"], env=job_env(DRSEG_CPU_PROCS="2"))
+    # Run directly, the script creates logs/ and submits itself with the leading sbatch options.
+    out = slurm_cluster.run(["bash", str(TRAIN_SH), "--parsable", "-N", "2", *NO_GPU, str(DEBUG_CONFIG), *preempted],
+                            cwd=folders["two_nodes"], env=job_env()).stdout
+    submitted["two_nodes"] = int(out.strip())
+    result = {name: (submitted[name], folders[name]) for name in submitted}
+    interrupt_after_first_step(slurm_cluster, {k: v for k, v in result.items() if k != "array"})
+    return result
 
 
 @pytest.mark.slow
-def test_array_task_trains_its_seed_evaluates_and_reports(slurm_cluster, submitted) -> None:
-    job, folder = submitted["array"]
+def test_array_task_trains_its_seed_evaluates_and_reports(slurm_cluster, jobs) -> None:
+    job, folder = jobs["array"]
     log = finished(slurm_cluster, job, folder)
     run = folder / "runs" / "debug-seed3"  # runs/<config stem>-seed<task id>
     assert "launch: python -m hpc_drseg train" in log  # no GPU, one CPU process: no launcher
@@ -113,52 +141,30 @@ def test_array_task_trains_its_seed_evaluates_and_reports(slurm_cluster, submitt
 
 
 @pytest.mark.slow
-def test_two_node_job_trains_one_rank_per_node(slurm_cluster, submitted) -> None:
-    if "two_node" not in submitted:
-        pytest.skip("the local cluster has one node")
-    job, folder = submitted["two_node"]
+@pytest.mark.parametrize(
+    "name, launch",
+    [
+        ("one_node", "accelerate launch * --multi_gpu --num_machines 1 --num_processes 2 *"),
+        ("two_nodes", "srun --ntasks-per-node=1 * --num_machines 2 --num_processes 2 * --machine_rank *"),
+    ],
+    ids=["one_node_two_processes", "two_nodes"],
+)
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, jobs, name: str, launch: str) -> None:
+    job, folder = jobs[name]
     log = finished(slurm_cluster, job, folder)
-    assert "launch: srun --ntasks-per-node=1" in log and "--num_machines 2 --num_processes 2" in log
-    assert "replicas identical on all 2 ranks" in log
-    run = folder / "runs" / "debug"
-    assert (run / "report.md").is_file() and (run / "eval_test.json").is_file()
-
-
-def wait_for_training_step(folder: Path, timeout_s: float = JOB_TIMEOUT_S) -> None:
-    """Until rank 0's progress bar shows a finished step of epoch 0 (the trainer's signal handler is then set)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        logs = list((folder / "logs").glob("drseg-*.out"))
-        if logs and re.search(r"^epoch 0: .*\|\s*[1-9]\d*/\d+ ", job_log(folder), re.MULTILINE):
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"no training step logged in {folder / 'logs'} after {timeout_s} s")
-
-
-@pytest.mark.slow
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, shards_dir: Path, tmp_path: Path) -> None:
-    (tmp_path / "logs").mkdir()
-    overrides = [*tiny_overrides(shards_dir, steps_per_epoch=3), "train.run_dir=runs/preempted"]
-    job = slurm_cluster.sbatch(["--gpus-per-node=0", "--cpus-per-task=2", str(TRAIN_SH), str(DEBUG_CONFIG),
-                                *overrides], cwd=tmp_path, env=job_env(DRSEG_CPU_PROCS="2"))  # fmt: skip
-    wait_for_training_step(tmp_path)
-    # What --signal=B:USR2@90 does before the time limit: only the batch shell gets it, and forwards it.
-    slurm_cluster.run(["scancel", "--signal=USR2", "--batch", str(job)])
-    log = finished(slurm_cluster, job, tmp_path)
-
-    total = 3
+    assert any(fnmatchcase(line, f"*launch: {launch}") for line in log.splitlines()), log[:3000]
     stopped = re.search(r"stopped by SIGTERM \(epoch (\d+), step (\d+)\)", log)
     resumed = re.search(r"resumed \S+last\.pt at epoch (\d+), step (\d+)", log)
     assert stopped and resumed, log[-6000:]
-    assert "--multi_gpu --num_machines 1 --num_processes 2" in log
     assert "requeueing job" in log and "(restart 1)" in log
     # The requeued run starts at the step the stopped one checkpointed, and no step runs twice.
-    assert resumed.groups() == stopped.groups() and 0 < int(stopped.group(2)) <= total
-    run = tmp_path / "runs" / "preempted"
-    assert load_checkpoint(checkpoint_path(run))["progress"]["global_step"] == total
-    assert f"finished 1 epochs (epoch 1, step {total})" in log
+    assert resumed.groups() == stopped.groups() and 0 < int(stopped.group(2)) <= PREEMPTED_STEPS
+    run = folder / "runs" / "preempted"
+    assert load_checkpoint(checkpoint_path(run))["progress"]["global_step"] == PREEMPTED_STEPS
+    assert f"finished 1 epochs (epoch 1, step {PREEMPTED_STEPS})" in log
     history = (run / "metrics.csv").read_text().splitlines()
-    assert [row.split(",")[:2] for row in history[1:]] == [["0", "3"]]  # one validation, no repeat
+    assert [row.split(",")[:2] for row in history[1:]] == [["0", str(PREEMPTED_STEPS)]]  # one validation, once
+    assert log.count("replicas identical on all 2 ranks") == 2  # the stopped run and the resumed one
     assert (run / "report.md").is_file() and (run / "eval_test.json").is_file()
     states = slurm_cluster.run(["sacct", "--duplicates", "-X", "-n", "-P", "-j", str(job), "-o", "State"]).stdout
     assert states.split() == ["REQUEUED", "COMPLETED"]
