@@ -152,14 +152,16 @@ def prepare_sweep(spec: SweepConfig, resume: bool = False) -> tuple[Path, list[T
     sweep_dir = Path(spec.sweep_dir or Path("sweeps") / spec.name).resolve()
     spec.sweep_dir, spec.workdir = str(sweep_dir), str(Path(spec.workdir or Path.cwd()).resolve())
     trials = expand_trials(spec, sweep_dir)
-    if (sweep_dir / "trials.json").exists():
-        if not resume:
-            raise FileExistsError(f"{sweep_dir} already holds a sweep; pass --resume to rerun its failed or "
-                                  "never-submitted trials, or set sweep_dir=<new folder>")  # fmt: skip
+    exists = (sweep_dir / "trials.json").exists()
+    if exists and not resume:
+        raise FileExistsError(f"{sweep_dir} already holds a sweep; pass --resume to rerun its failed or "
+                              "never-submitted trials, or set sweep_dir=<new folder>")  # fmt: skip
+    if exists:
         trials = _trials_to_resume(sweep_dir, trials)
-    else:
-        _write_json(sweep_dir / "trials.json", {"sweep": spec.name, "trials": {t.id: _without_id(t) for t in trials}})
+    # sweep.yaml first: a folder with trials.json is a sweep, and a sweep always has its sweep.yaml.
     atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(config_to_dict(spec), sort_keys=False))
+    if not exists:
+        _write_json(sweep_dir / "trials.json", {"sweep": spec.name, "trials": {t.id: _without_id(t) for t in trials}})
     return sweep_dir, trials
 
 
