@@ -332,15 +332,17 @@ def test_cli_run_needs_config(capsys):
     assert "needs --config" in capsys.readouterr().err
 
 
-def test_local_executor_runs_members_as_submitit_jobs(shards_dir, tmp_path):
+def test_local_executor_runs_members_as_submitit_jobs(shards_dir, tmp_path, capsys):
     """The local executor: members are submitit jobs (pickled callable, own process, result pickle). This trial's
     trainer fails fast, so the member's job ends in error and status reads FAILED from its result pickle.
     (Preemption → checkpoint → requeue → resume is tested on a real cluster in tests/slurm/test_sweep_slurm.py.)"""
     path = write_spec(tmp_path, overrides=[f"data.shards={shards_dir}", *TINY], points=[["data.image_px=256"]],
-                      executor={"kind": "local", "timeout_min": 5})  # fmt: skip
-    result = run_sweep(path)
-    sweep_dir = Path(result["sweep_dir"])
-    (member,) = result["members"]
+                      executor={"kind": "debug", "timeout_min": 5})  # fmt: skip
+    assert main(["sweep", "--config", str(path), "--executor", "local", "name=local_test"]) == 0
+    sweep_dir = tmp_path / "sweep"
+    assert f"{sweep_dir}: 1 trials, 1 submitted as 1 local member(s)" in capsys.readouterr().out
+    (member,) = json.loads((sweep_dir / "jobs.json").read_text())["submissions"][0]["members"]
+    assert load_sweep_config(sweep_dir / "sweep.yaml").name == "local_test"
     assert (sweep_dir / "submitit" / member["job"] / f"{member['job']}_0_result.pkl").is_file()
     (row,) = sweep_status(sweep_dir)
     assert (row["state"], row["job_state"]) == ("FAILED", "FAILED")
