@@ -316,7 +316,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default=None, help="shard folder (data benchmark)")
     p.add_argument("--workers", default="1,2", help="comma-separated loader worker counts (default 1,2)")
     p.add_argument("--seconds", type=float, default=10.0, help="measuring time per setting (default 10)")
-    p.add_argument("--image-px", type=int, default=512, help="data: augmentation-only image side; cbam: training-step image side")
+    p.add_argument("--image-px", type=int, default=512, help="data: augment-only side; cbam: train-step side")
     p.add_argument("--preset", default="paper", choices=("paper", "light", "none"), help="augmentation preset")
     p.set_defaults(func=cmd_bench)
     _add_sweep_parser(sub)
