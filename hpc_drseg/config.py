@@ -7,8 +7,6 @@ CLI can validate a config in milliseconds. Every field has a default and a docst
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from hpc_drseg.atomic import atomic_write_text
 from hpc_drseg.constants import LESIONS
 
 
@@ -441,18 +440,6 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
     path = Path(path)
     atomic_write_text(path, dump_config(cfg))
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

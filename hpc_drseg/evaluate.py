@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from hpc_drseg.config import RunConfig, atomic_write_text, config_from_dict, load_config
+from hpc_drseg.atomic import atomic_write_text
+from hpc_drseg.config import RunConfig, config_from_dict, load_config
 from hpc_drseg.data.pipeline import build_eval_loader
 from hpc_drseg.metrics import histogram_pr_points
 from hpc_drseg.models import build_model

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hpc_drseg.atomic import atomic_write_bytes
 from hpc_drseg.constants import LESION_COLOURS, LESIONS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -186,29 +185,18 @@ def _draw_legend(image: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_overlay(path: Path, overlay: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ValueError(f"{path}: OpenCV could not encode the overlay as PNG")
-    _atomic_write_bytes(path, encoded.tobytes())
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def write_probs(path: Path, probs: np.ndarray) -> None:
     """float16 (4, H, W) under 'probs', channel names under 'lesions'; np.load(path)['probs']."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, probs=probs.astype(np.float16), lesions=np.array(LESIONS))
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------- predict
@@ -248,7 +236,7 @@ def predict(checkpoint: Path, inputs: Path, out: Path, save_probs: bool = False,
         result["images"][path.name] = {"path": str(path), **record}
     if not result["images"]:
         raise ValueError(f"no readable image in {inputs}: " + "; ".join(e["error"] for e in result["errors"]))
-    _atomic_write_bytes(out / "lesions.json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "lesions.json", (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 

@@ -8,14 +8,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from hpc_drseg.config import atomic_write_text
+from hpc_drseg.atomic import atomic_write_text, atomic_writer
 from hpc_drseg.constants import LESION_COLOURS, LESION_NAMES, LESIONS
 
 MODEL_LABELS = {"attention_deeplab": "Attention-DeepLab", "deeplabv3plus": "DeepLab-V3+", "unet": "U-Net"}
@@ -185,15 +183,9 @@ def _pyplot():
 
 def _save_figure(fig: Any, path: Path) -> Path:
     """savefig to a temporary file in the same folder, then rename: a reader never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_writer(path, "wb") as handle:
             fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         _pyplot().close(fig)
     return path

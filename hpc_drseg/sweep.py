@@ -30,12 +30,12 @@ from typing import Any, Optional
 
 import yaml
 
+from hpc_drseg.atomic import atomic_write_text
 from hpc_drseg.config import (
     ConfigError,
     SweepConfig,
     SweepExecutorConfig,
     SweepParam,
-    atomic_write_text,
     config_to_dict,
     load_config,
     load_sweep_config,

@@ -6,14 +6,14 @@ Layout: RUN/checkpoints/last.pt (periodic and final) and best.pt (best validatio
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from hpc_drseg.atomic import atomic_writer
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -30,15 +30,8 @@ def rng_path(run_dir: str | Path, rank: int) -> Path:
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "wb") as handle:
+        torch.save(obj, handle)
     return path
 
 

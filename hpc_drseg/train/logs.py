@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hpc_drseg.config import atomic_write_text
+from hpc_drseg.atomic import atomic_write_text
 
 
 class _NullBar:

@@ -9,15 +9,6 @@ import torch
 from hpc_drseg.models.backbone import ResNet, build_backbone, load_pretrained
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On the shared 2-core machine two intra-op threads fight other processes: one thread ran these 4× faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bn_entries(prefix, channels, with_counter=True):
     entries = [(f"{prefix}.{name}", (channels,)) for name in ("weight", "bias", "running_mean", "running_var")]
     return entries + ([(f"{prefix}.num_batches_tracked", ())] if with_counter else [])

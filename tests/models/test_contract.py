@@ -28,15 +28,6 @@ VARIANTS = {
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On the shared 2-core machine two intra-op threads fight other processes: one thread ran these 4× faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_registered_model_is_covered():
     assert {cfg.name for cfg in VARIANTS.values()} == set(MODEL_NAMES)
 

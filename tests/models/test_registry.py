@@ -15,15 +15,6 @@ from hpc_drseg.models.deeplab import DeepLabV3Plus
 from hpc_drseg.models.unet import UNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On the shared 2-core machine two intra-op threads fight other processes: one thread ran these 4× faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cbam_blocks(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, CBAM)}
 
