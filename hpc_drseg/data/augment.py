@@ -71,14 +71,12 @@ class Augment:
         return f"Augment(image_px={self.image_px}, {self.compose!r})"
 
 
-def build_augment(
-    cfg: AugmentConfig, image_px: int, seed: int | None = None, fast_elastic: bool = False
-) -> Augment | None:
+def build_augment(cfg: AugmentConfig, image_px: int, seed: int | None = None) -> Augment | None:
     """Builds the preset named by `cfg` for square images of side `image_px`; None when nothing would be applied.
 
     `cfg.strength` multiplies the probability of every top-level transform and OneOf block (clipped to 1); the
     weights inside a OneOf are relative, so they keep the paper's values. `seed`: see `Augment.reseed`.
-    `fast_elastic` (opt-in, not the paper's code): FastElasticTransform instead of ElasticTransform, the same
+    `cfg.fast_elastic` (opt-in, not the paper's code): FastElasticTransform instead of ElasticTransform, the same
     displacement statistics at a fraction of the cost (the σ=50 blur is ~3/4 of ElasticTransform's time).
     """
     if image_px <= 0:
@@ -86,7 +84,7 @@ def build_augment(
     if cfg.preset == "none" or cfg.strength == 0:
         return None
     if cfg.preset == "paper":
-        transforms = _paper_transforms(cfg.strength, image_px, fast_elastic)
+        transforms = _paper_transforms(cfg.strength, image_px, cfg.fast_elastic)
     elif cfg.preset == "light":
         transforms = _flips(cfg.strength)
     else:

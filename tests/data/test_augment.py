@@ -147,7 +147,7 @@ def test_geometric_transforms_move_the_mask_with_the_image():
     geometric = [
         t
         for fast_elastic in (False, True)
-        for t in _walk(build_augment(AugmentConfig(preset="paper"), PX, seed=1, fast_elastic=fast_elastic).compose)
+        for t in _walk(build_augment(AugmentConfig(preset="paper", fast_elastic=fast_elastic), PX, seed=1).compose)
         if isinstance(t, A.DualTransform) and (not fast_elastic or isinstance(t, A.ElasticTransform))
     ]
     assert len(geometric) == 8  # flips, rot90, affine, elastic, grid, optical + the opt-in fast elastic
@@ -259,7 +259,7 @@ def test_fast_elastic_variant_is_opt_in_and_keeps_the_field_statistics():
     from hpc_drseg.data.augment import FastElasticTransform
 
     assert not any(isinstance(t, FastElasticTransform) for t in _walk(build_augment(AugmentConfig(), PX).compose))
-    aug = build_augment(AugmentConfig(), 512, seed=0, fast_elastic=True)
+    aug = build_augment(AugmentConfig(fast_elastic=True), 512, seed=0)
     (fast,) = [t for t in _walk(aug.compose) if isinstance(t, FastElasticTransform)]
     assert (fast.alpha, fast.sigma, fast.fill, fast.fill_mask) == (1.0, 50.0, 0, 0)
     reference = A.ElasticTransform(alpha=1.0, sigma=50.0)
