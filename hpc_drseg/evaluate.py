@@ -18,6 +18,7 @@ import torch
 
 from hpc_drseg.atomic import atomic_write_text
 from hpc_drseg.config import RunConfig, config_from_dict, load_config
+from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.pipeline import build_eval_loader
 from hpc_drseg.metrics import histogram_pr_points
 from hpc_drseg.models import build_model
@@ -92,8 +93,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", protocol: str = "both
 def _pr_curves(standard) -> dict[str, dict[str, list[float]]]:
     """Precision/recall at 101 thresholds per lesion, from the summed score histograms."""
     precision, recall = histogram_pr_points(standard.state_tensors()["hist"].cpu(), PR_CURVE_POINTS)
-    from hpc_drseg.constants import LESIONS
-
     return {
         lesion: {"precision": precision[i].tolist(), "recall": recall[i].tolist()} for i, lesion in enumerate(LESIONS)
     }

@@ -35,7 +35,7 @@ from hpc_drseg.train.runtime import (
     uses_deepspeed,
 )
 from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag
-from hpc_drseg.train.validate import score_loader, split_output
+from hpc_drseg.train.validate import collect_metrics, flatten_results, split_output
 
 log = logging.getLogger("hpc_drseg.train")
 
@@ -230,10 +230,11 @@ class Trainer:
             cfg.data.shards, cfg.data.val_split, cfg.eval.batch_size, self.rank, self.world,
             cfg.data.num_workers, with_native=False,
         )  # fmt: skip
-        results = score_loader(
+        paper, standard, loss = collect_metrics(
             self.accelerator, self.accelerator.unwrap_model(self.model), loader, cfg, native=False,
             loss_fn=self.loss_fn,
         )  # fmt: skip
+        results = flatten_results(paper.compute(), standard.compute(), loss)
         return {f"val/{key}": value for key, value in results.items()}
 
     @property

@@ -102,14 +102,3 @@ def flatten_results(paper: dict, standard: dict, loss: float) -> dict[str, float
         flat[f"IoU_{lesion}"] = standard["IoU"][lesion]
     return flat
 
-
-def score_loader(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    batches: Iterable[Batch],
-    cfg: RunConfig,
-    native: bool,
-    loss_fn: Optional[CombinedLoss] = None,
-) -> dict[str, float]:
-    paper, standard, loss = collect_metrics(accelerator, model, batches, cfg, native, loss_fn)
-    return flatten_results(paper.compute(), standard.compute(), loss)
