@@ -115,7 +115,10 @@ def _spatial_gate_kernel(
     z = tl.sum(w_mean[:, None] * tl.load(plane + hh * W + ww, mask=ok, other=0.0), axis=0)
     z += tl.sum(w_max[:, None] * tl.load(plane + HW + hh * W + ww, mask=ok, other=0.0), axis=0)
     sg = tl.sigmoid(z)
-    tl.store(plane + 3 * HW + hw, sg, mask=hw_ok & (pid_c == 0))
+    # one program per pixel block stores the gate; a scalar branch, not a block mask `hw_ok & (pid_c == 0)`: the
+    # Triton 3.9 interpreter rejects a mask that mixes a block with a scalar ("mask has unsupported dtype")
+    if pid_c == 0:
+        tl.store(plane + 3 * HW + hw, sg, mask=hw_ok)
     for c0 in range(0, c_chunk, BLOCK_C):
         c = pid_c * c_chunk + c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
