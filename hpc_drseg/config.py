@@ -30,8 +30,6 @@ class AugmentConfig:
     """'paper': every transform of the paper (SPEC.md); 'light': flips/rotations only; 'none': resize+normalise."""
     strength: float = 1.0
     """Multiplies every transform's probability (0 disables all, 1 = the paper's values)."""
-    fast_elastic: bool = False
-    """Opt-in, not the paper's: elastic displacement field on a coarse grid (same statistics, ~14× cheaper)."""
 
     def __post_init__(self) -> None:
         _check_range("data.augment.strength", self.strength, 0.0, 2.0)

@@ -10,6 +10,7 @@ import os
 # albumentations checks PyPI for updates at import; compute nodes have no network (the package __init__ sets this too).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import functools  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 from typing import Any  # noqa: E402
@@ -71,22 +72,25 @@ class Augment:
         return f"Augment(image_px={self.image_px}, {self.compose!r})"
 
 
-def build_augment(cfg: AugmentConfig, image_px: int, seed: int | None = None) -> Augment | None:
+def build_augment(
+    cfg: AugmentConfig, image_px: int, seed: int | None = None, stock: bool = False
+) -> Augment | None:
     """Builds the preset named by `cfg` for square images of side `image_px`; None when nothing would be applied.
 
     `cfg.strength` multiplies the probability of every top-level transform and OneOf block (clipped to 1); the
     weights inside a OneOf are relative, so they keep the paper's values. `seed`: see `Augment.reseed`.
-    `cfg.fast_elastic` (opt-in, not the paper's code): FastElasticTransform instead of ElasticTransform, the same
-    displacement statistics at a fraction of the cost (the σ=50 blur is ~3/4 of ElasticTransform's time).
+    Two transforms are faster drop-in subclasses with the same random draws and the same output
+    (`ElasticTransformLowRankBlur`, `RandomRotate90CV`); `stock=True` builds albumentations' own classes instead,
+    the reference the tests compare against and `drseg bench data` times side by side.
     """
     if image_px <= 0:
         raise ValueError(f"image_px: got {image_px}; it must be > 0 (data.image_px)")
     if cfg.preset == "none" or cfg.strength == 0:
         return None
     if cfg.preset == "paper":
-        transforms = _paper_transforms(cfg.strength, image_px, cfg.fast_elastic)
+        transforms = _paper_transforms(cfg.strength, image_px, stock)
     elif cfg.preset == "light":
-        transforms = _flips(cfg.strength)
+        transforms = _flips(cfg.strength, stock)
     else:
         raise ValueError(f"data.augment.preset: got {cfg.preset!r}; choose one of 'paper', 'light', 'none'")
     # strict: an argument name that 2.x does not know raises instead of being ignored with a warning.
@@ -101,15 +105,16 @@ def _p(name: str, strength: float) -> float:
     return min(1.0, PAPER_P[name] * strength)
 
 
-def _flips(strength: float) -> list[A.BasicTransform]:
+def _flips(strength: float, stock: bool = False) -> list[A.BasicTransform]:
+    rotate90 = A.RandomRotate90 if stock else RandomRotate90CV
     return [
         A.HorizontalFlip(p=_p("HorizontalFlip", strength)),
         A.VerticalFlip(p=_p("VerticalFlip", strength)),
-        A.RandomRotate90(p=_p("RandomRotate90", strength)),
+        rotate90(p=_p("RandomRotate90", strength)),
     ]
 
 
-def _paper_transforms(strength: float, image_px: int, fast_elastic: bool = False) -> list[Any]:
+def _paper_transforms(strength: float, image_px: int, stock: bool = False) -> list[Any]:
     geometric_border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
     # 1.x ShiftScaleRotate: one isotropic scale (keep_ratio), independent x/y shifts, no shear.
     affine = A.Affine(
@@ -138,7 +143,7 @@ def _paper_transforms(strength: float, image_px: int, fast_elastic: bool = False
     # (3, 3): a fixed 3×3 kernel. A bare 3 means (0, 3) in 2.x, and 0 derives kernels up to 21 px from sigma.
     blur = A.GaussianBlur(blur_limit=(3, 3), p=_p("GaussianBlur", strength))
     px_scale = image_px / _PAPER_PX  # elastic alpha and sigma are in pixels: keep the paper's field at other sizes
-    elastic = FastElasticTransform if fast_elastic else A.ElasticTransform
+    elastic = A.ElasticTransform if stock else ElasticTransformLowRankBlur
     distortion = A.OneOf(
         [
             elastic(alpha=1.0 * px_scale, sigma=50.0 * px_scale, p=0.15, **geometric_border),
@@ -147,42 +152,89 @@ def _paper_transforms(strength: float, image_px: int, fast_elastic: bool = False
         ],
         p=_p("distortion", strength),
     )
-    return [*_flips(strength), affine, colour, noise, blur, distortion]
+    if not stock:
+        # factorise the blur now: forked loader workers inherit the cache instead of each paying the SVD (~0.5 s)
+        low_rank_blur_factors(2 * image_px, 50.0 * px_scale)
+        low_rank_blur_factors(image_px, 50.0 * px_scale)
+    return [*_flips(strength, stock), affine, colour, noise, blur, distortion]
 
 
-class FastElasticTransform(A.ElasticTransform):
-    """ElasticTransform with the same displacement-field statistics, computed on a grid `sigma / 6` times coarser.
+class RandomRotate90CV(A.RandomRotate90):
+    """A.RandomRotate90 with the same draws and byte-identical output, rotating with cv2.rotate.
 
-    2.x draws unit normal noise per pixel, divides it by its largest |value|, blurs it with a Gaussian of `sigma` px
-    (OpenCV picks 8·sigma + 1 = 401 taps at sigma 50: ~3/4 of the transform's time) and scales by `alpha`. Here the
-    noise is drawn per coarse cell (f = sigma // 6 px) with the standard deviation of an f×f average (1/f), divided
-    by the expected largest |value| of the full-size noise, blurred with sigma / f and upsampled bilinearly: the
-    field is smooth over ~sigma px, so nothing visible is lost. Not reproduced: 2.x's replicate border lets the edge
-    pixels' noise dominate within ~sigma of the border. With the paper's alpha 1 both fields stay far below 1 px.
+    2.x returns np.rot90's strided view, which is then copied element by element (~2.5 ms per 512² image + mask);
+    cv2.rotate writes the contiguous result directly (~0.3 ms). np.rot90 turns counter-clockwise.
+    """
+
+    _CV_CODES = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
+
+    def apply(self, img: np.ndarray, factor: int, **params: Any) -> np.ndarray:
+        if factor % 4 == 0:
+            return img
+        # cv2 handles 2-D arrays and 3-D ones with 2..4 channels (it would drop a trailing channel axis of size 1)
+        if img.ndim == 2 or (img.ndim == 3 and 2 <= img.shape[2] <= 4):
+            return cv2.rotate(np.ascontiguousarray(img), self._CV_CODES[factor % 4])
+        return np.ascontiguousarray(np.rot90(img, factor))
+
+
+class ElasticTransformLowRankBlur(A.ElasticTransform):
+    """A.ElasticTransform (albumentations 2.x, Gaussian noise) with the same random draws and the same displacement
+    field up to 2e-4·alpha px, about 5× faster.
+
+    2.x draws unit normal noise for dx and dy, divides it by its largest |value|, blurs the two fields *stacked* as
+    one (2H, W) image with OpenCV's 8σ+1-tap Gaussian (401 taps at σ 50, replicate border; so the bottom rows of dx
+    bleed into the top rows of dy, a quirk kept here) and scales by alpha. The blur is ~90 % of the transform's time.
+    A Gaussian that wide is numerically low-rank: written as a matrix (border folded in) it is the product of two
+    thin factors (rank ~24 for 512 rows, ~40 for 1024), so blurring becomes four thin matrix products (~3 ms).
+    Each axis's factorisation errs by at most 1e-4 in the max-row-sum norm, so the field (|noise| <= 1) errs by at
+    most 2e-4·alpha px (~1e-5 in practice): far below cv2.remap's 1/32-px resolution, so the warped image and mask
+    are the stock transform's, up to a rare ±1 at a rounding boundary (the tests compare them).
     """
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        factor = max(1, int(self.sigma // 6))  # keeps >= 6 coarse cells per sigma
-        coarse = (2, math.ceil(height / factor), math.ceil(width / factor))
-        fields = self.random_generator.standard_normal(coarse, dtype=np.float32)
-        fields *= self.alpha / (factor * _expected_max_abs_normal(2 * height * width))
-        maps = []
-        for field, axis in zip(fields, (1, 0)):
-            cv2.GaussianBlur(field, (0, 0), self.sigma / factor, dst=field, borderType=cv2.BORDER_REPLICATE)
-            full = cv2.resize(field, (width, height), interpolation=cv2.INTER_LINEAR)
-            grid = np.arange(width if axis == 1 else height, dtype=np.float32)
-            maps.append(full + (grid[None, :] if axis == 1 else grid[:, None]))
-        return {"map_x": maps[0], "map_y": maps[1]}
+        rows, cols = low_rank_blur_factors(2 * height, self.sigma), low_rank_blur_factors(width, self.sigma)
+        if self.approximate or self.same_dxdy or self.noise_distribution != "gaussian" or not (rows and cols):
+            return super().get_params_dependent_on_data(params, data)
+        fields = self.random_generator.standard_normal((2, height, width), dtype=np.float32)  # the stock draw
+        max_abs = np.abs(fields).max()
+        if max_abs > 1e-6:
+            fields /= max_abs
+        noise = torch.from_numpy(fields.reshape(2 * height, width))
+        # blur(x) = M_rows @ x @ M_cols^T with M = left @ right for each axis
+        blurred = (rows[0] @ (rows[1] @ ((noise @ cols[1].T) @ cols[0].T))).numpy()
+        blurred *= self.alpha
+        return {
+            "map_x": blurred[:height] + np.arange(width, dtype=np.float32),
+            "map_y": blurred[height:] + np.arange(height, dtype=np.float32)[:, None],
+        }
 
 
-def _expected_max_abs_normal(count: int) -> float:
-    """Median of the largest |z| among `count` standard normals: P(|z| > m) = ln 2 / count, solved by bisection."""
-    target, low, high = math.log(2) / count, 0.0, 40.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if math.erfc(mid / math.sqrt(2)) > target else (low, mid)
-    return (low + high) / 2
+_LOW_RANK_MAX_ERROR = 1e-4  # per axis, max-row-sum norm of (blur matrix - its factorisation)
+_LOW_RANK_MAX_RANK = 96  # beyond it the thin products cost about what OpenCV's direct blur does
+_LOW_RANK_MAX_SPAN = 60  # n / sigma above which the rank needed (~1.6 n / sigma + 8) exceeds the cap: skip the SVD
+
+
+@functools.lru_cache(maxsize=16)
+def low_rank_blur_factors(n: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(left (n, r), right (r, n)) float32 with left @ right ≈ the n×n matrix of OpenCV's GaussianBlur along one
+    axis (kernel size and taps as cv2.GaussianBlur picks them for float images, replicate border), erring by at
+    most _LOW_RANK_MAX_ERROR in the max-row-sum norm; None when that needs a rank above _LOW_RANK_MAX_RANK (narrow
+    kernels, where the direct blur is cheap anyway)."""
+    if sigma <= 0 or n / sigma > _LOW_RANK_MAX_SPAN:
+        return None
+    ksize = int(round(sigma * 8 + 1)) | 1  # cv2's choice for float32 input and ksize (0, 0)
+    taps = cv2.getGaussianKernel(ksize, sigma, cv2.CV_64F).ravel()
+    source = np.clip(np.arange(n)[:, None] + np.arange(ksize)[None, :] - ksize // 2, 0, n - 1)
+    matrix = np.zeros((n, n))
+    np.add.at(matrix, (np.repeat(np.arange(n), ksize), source.ravel()), np.tile(taps, n))
+    exact = torch.from_numpy(matrix)
+    u, s, vh = torch.linalg.svd(exact)
+    for rank in range(8, min(n, _LOW_RANK_MAX_RANK) + 1, 8):
+        left, right = u[:, :rank] * s[:rank], vh[:rank]
+        if (exact - left @ right).abs().sum(dim=1).max() <= _LOW_RANK_MAX_ERROR:
+            return left.float().contiguous(), right.float().contiguous()
+    return None
 
 
 def seed_augment(aug: Augment, seed: int) -> None:
