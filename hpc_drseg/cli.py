@@ -278,7 +278,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a run with the paper and standard protocols, then write its report")
-    p.add_argument("--run", required=True, help="run directory made by drseg train")
+    p.add_argument(
+        "--run", "--run-dir", dest="run", required=True,
+        help="run directory made by drseg train (under torchrun use --run-dir: torchrun reads --run as --run-path)",
+    )  # fmt: skip
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--protocol", default="both", choices=("paper", "standard", "both"), help="default both")
     p.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"), help="default: best, else last")

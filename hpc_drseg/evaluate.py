@@ -2,8 +2,8 @@
 
 paper: the shards' resolution (512² for the paper), per batch of eval.batch_size consecutive images (Table I).
 standard: probabilities upsampled to each image's native size, counts summed over the whole split and all ranks.
-With several processes each rank scores its share of the shards; the paper protocol's batches are then formed
-within each rank's share, so reproduce Table I exactly with one process.
+With several processes (and loader workers) each rank scores a contiguous share of whole batches, so the paper
+protocol's batches, and its result, are the same as with one process.
 """
 
 from __future__ import annotations

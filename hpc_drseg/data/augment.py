@@ -72,9 +72,7 @@ class Augment:
         return f"Augment(image_px={self.image_px}, {self.compose!r})"
 
 
-def build_augment(
-    cfg: AugmentConfig, image_px: int, seed: int | None = None, stock: bool = False
-) -> Augment | None:
+def build_augment(cfg: AugmentConfig, image_px: int, seed: int | None = None, stock: bool = False) -> Augment | None:
     """Builds the preset named by `cfg` for square images of side `image_px`; None when nothing would be applied.
 
     `cfg.strength` multiplies the probability of every top-level transform and OneOf block (clipped to 1); the

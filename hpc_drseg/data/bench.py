@@ -95,9 +95,7 @@ def _time_calls(
     return calls, time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def bench_augment(
-    preset: str, samples: list, seconds: float, seed: int = 0, stock: bool = False
-) -> dict[str, Any]:
+def bench_augment(preset: str, samples: list, seconds: float, seed: int = 0, stock: bool = False) -> dict[str, Any]:
     """(a) Samples/s of one preset on the calling core (decode excluded). `stock`: albumentations' own classes
     instead of the package's faster same-output ones (the baseline)."""
     image_px = samples[0][0].shape[0]

@@ -291,11 +291,11 @@ def _train_shards(folder: Path, info: dict[str, Any], subset: int) -> tuple[list
 
 # ----------------------------------------------------------------------------------------------- evaluation
 class _Slot(NamedTuple):
-    """What one DataLoader worker of this rank reads: shards, the ids it yields, and a filter (None = all)."""
+    """What one DataLoader worker of this rank reads: shards, the ids it yields (in order), and them as a set."""
 
     paths: list[Path]
     ids: list[str]
-    keep: Optional[frozenset[str]]
+    keep: frozenset[str]
 
 
 class _EvalStream(IterableDataset):
@@ -309,39 +309,46 @@ class _EvalStream(IterableDataset):
             cv2.setNumThreads(0)
         slot = self.slots[worker]
         batch: list[Sample] = []
+        left = len(slot.ids)
         for path in slot.paths:
             for raw in iter_shard_samples(path):
-                if slot.keep is not None and raw["__key__"] not in slot.keep:
+                if raw["__key__"] not in slot.keep:
                     continue
                 batch.append(decode_sample(raw, path, self.with_native))
-                if len(batch) == self.batch_size:
+                left -= 1
+                if len(batch) == self.batch_size or left == 0:
                     yield collate(batch, self.with_native)
                     batch = []
-        if batch:
-            yield collate(batch, self.with_native)
+                if left == 0:
+                    return  # the rest of this shard belongs to the next slot: do not read it
 
 
-def eval_slots(groups: list[tuple[Path, list[str]]], rank: int, world_size: int, num_workers: int) -> list[_Slot]:
-    """Splits a split's shards by rank, then by worker, so every sample is read exactly once over all ranks.
-
-    Normal case (at least world_size shards): rank r takes shards r, r + W, ...; its workers split those shards the
-    same way, and a rank with fewer shards than workers runs fewer workers (one per shard). Fallback (fewer shards
-    than ranks): every rank reads the shards and keeps the samples whose index in the split is ≡ rank (mod W).
-    Returns one _Slot per DataLoader worker (one for num_workers = 0); ranks may get different sample counts.
+def eval_slots(
+    groups: list[tuple[Path, list[str]]], rank: int, world_size: int, num_workers: int, batch_size: int
+) -> list[_Slot]:
+    """Splits a split into its evaluation batches (consecutive runs of `batch_size` ids in shard order, the paper
+    protocol's batches) and gives each rank a contiguous range of whole batches, then each of its workers a
+    contiguous part of that range. So every sample is read exactly once over all ranks, and every batch any rank
+    yields is a batch of the single-process loader: per-batch (paper protocol) metrics do not depend on the number
+    of ranks or workers. A slot reads only the shards its range overlaps, skipping the other ids there; ranks differ
+    by at most one batch, and a rank gets none when there are fewer batches than ranks.
+    Returns one _Slot per DataLoader worker (one for num_workers = 0; fewer when the rank has fewer batches).
     """
-    if len(groups) >= world_size:
-        mine = groups[rank::world_size]
-        keep = None
-    else:
-        ids = [sid for _, group_ids in groups for sid in group_ids]
-        keep = frozenset(ids[rank::world_size])
-        mine = [(path, [sid for sid in group_ids if sid in keep]) for path, group_ids in groups]
-        mine = [(path, group_ids) for path, group_ids in mine if group_ids]
-    count = max(1, min(num_workers, len(mine)))
-    return [
-        _Slot([path for path, _ in mine[w::count]], [sid for _, group_ids in mine[w::count] for sid in group_ids], keep)
-        for w in range(count)
-    ]
+    ordered = [(path, sample_id) for path, group_ids in groups for sample_id in group_ids]
+    first, stop = _share(math.ceil(len(ordered) / batch_size), rank, world_size)
+    count = max(1, min(num_workers, stop - first))
+    slots = []
+    for worker in range(count):
+        begin, end = (first + k for k in _share(stop - first, worker, count))
+        part = ordered[begin * batch_size : end * batch_size]
+        ids = [sample_id for _, sample_id in part]
+        slots.append(_Slot(list(dict.fromkeys(path for path, _ in part)), ids, frozenset(ids)))
+    return slots
+
+
+def _share(total: int, part: int, parts: int) -> tuple[int, int]:
+    """[begin, end) of the `part`-th of `parts` contiguous, near-equal pieces of range(total)."""
+    return total * part // parts, total * (part + 1) // parts
 
 
 class EvalLoader:
@@ -372,10 +379,12 @@ def build_eval_loader(
     num_workers: int,
     with_native: bool = True,
 ) -> EvalLoader:
-    """Evaluation batches of this rank, in shard order, no shuffling, no augmentation, no padding duplicates.
+    """Evaluation batches of this rank, no shuffling, no augmentation, no padding duplicates.
 
-    With world_size 1 and num_workers <= 1 the batches are consecutive in the split's id order (the paper protocol's
-    batches of 4). `with_native` adds each image's native-resolution masks (valid/test shards only).
+    Whatever the ranks and workers, every batch is `batch_size` consecutive ids of the split in shard order (the
+    paper protocol's batches of 4; only the split's last batch may be shorter); see `eval_slots`. The rank's batches
+    arrive in id order with num_workers <= 1, interleaved across workers otherwise. `with_native` adds each image's
+    native-resolution masks (valid/test shards only).
     """
     _check_rank(rank, world_size, num_workers)
     if batch_size < 1:
@@ -387,6 +396,6 @@ def build_eval_loader(
             f"split '{split}' in {shards_dir} was sharded without native-resolution masks (only "
             "valid/test get them); pass with_native=False"
         )
-    slots = eval_slots(shard_groups(shards_dir, info), rank, world_size, num_workers)
+    slots = eval_slots(shard_groups(shards_dir, info), rank, world_size, num_workers, batch_size)
     workers = min(num_workers, len(slots)) if num_workers > 0 else 0
     return EvalLoader(_EvalStream(slots, batch_size, with_native), workers)

@@ -182,6 +182,23 @@ def test_single_rank_eval_batches_are_consecutive_in_id_order(shards_dir: Path) 
     assert [i for b in batches for i in b.ids] == read_manifest(shards_dir)["splits"]["train"]["ids"]
 
 
+@pytest.mark.parametrize("world, workers", [(1, 2), (2, 0), (2, 2), (3, 1), (5, 2)])
+def test_eval_batches_are_the_single_process_batches_for_any_ranks_and_workers(
+    shards_dir: Path, world: int, workers: int
+) -> None:
+    """The paper protocol scores per batch: a rank or worker must never batch across another's share."""
+    single = [tuple(b.ids) for b in build_eval_loader(shards_dir, "train", 3, 0, 1, 0, with_native=False)]
+    assert [len(ids) for ids in single] == [3, 3, 2]  # 8 ids in shards of 2: batches straddle shard boundaries
+    batches, sizes = [], []
+    for rank in range(world):
+        loader = build_eval_loader(shards_dir, "train", 3, rank, world, workers, with_native=False)
+        mine = [tuple(b.ids) for b in loader]
+        batches += mine
+        sizes.append(len(mine))
+    assert sorted(batches) == sorted(single)
+    assert max(sizes) - min(sizes) <= 1  # contiguous near-equal shares of whole batches
+
+
 def test_eval_without_native_masks_in_the_shards_is_refused(shards_dir: Path) -> None:
     with pytest.raises(ValueError, match="with_native=False"):
         build_eval_loader(shards_dir, "train", 2, 0, 1, 0)

@@ -1,0 +1,73 @@
+"""`drseg eval`: the paper protocol's batches, and so its figures, are the same for any number of loader workers and
+processes (each rank scores a contiguous share of whole batches); the standard protocol's summed counts likewise."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc_drseg.config import load_config
+from hpc_drseg.evaluate import evaluate_run
+from hpc_drseg.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+# The fixture's test split has 4 images in shards of 2: batches of 3 straddle a shard boundary ([3, 1]), which a
+# loader that batched within each worker's or rank's shards would turn into [2, 2].
+BATCHES_OF_3 = ["eval.batch_size=3", "eval.histogram_bins=1000"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    overrides = [f"data.shards={shards_dir}", f"train.run_dir={run_dir}", "train.max_epochs=1"]
+    overrides.append("train.steps_per_epoch=3")
+    assert train(load_config(REPO / "configs" / "debug.yaml", overrides)).exit_code == 0
+    return run_dir
+
+
+def _scores(result: dict) -> dict:
+    protocols = result["protocols"]
+    return {name: {key: protocols[name][key] for key in ("AP", "IoU", "mAP", "mIoU")} for name in protocols}
+
+
+def _assert_close(a: dict, b: dict, rel: float = 1e-9) -> None:
+    """Equal up to the order in which per-batch values were summed (rel 1e-9), or, across processes with other thread
+    counts, up to the float rounding of the model's convolutions (rel 1e-4; other batches change figures by ≫ 1 %)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_close(a[key], b[key], rel)
+        else:  # NaN (None once written to JSON): a lesion absent from the split has no standard AP
+            x, y = (math.nan if v is None else v for v in (a[key], b[key]))
+            assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=rel, abs=1e-12), key
+
+
+def test_paper_protocol_does_not_depend_on_loader_workers(trained_run: Path) -> None:
+    one = evaluate_run(trained_run, overrides=[*BATCHES_OF_3, "data.num_workers=0"])
+    two = evaluate_run(trained_run, overrides=[*BATCHES_OF_3, "data.num_workers=2"])
+    _assert_close(_scores(one), _scores(two))
+    # The check can fail: other batches give other paper figures.
+    pairs = evaluate_run(trained_run, protocol="paper", overrides=["eval.batch_size=2", "data.num_workers=0"])
+    assert _scores(pairs)["paper"] != _scores(one)["paper"]
+
+
+@pytest.mark.slow
+def test_two_process_eval_matches_one_process(trained_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    one = evaluate_run(run_dir, overrides=[*BATCHES_OF_3, "data.num_workers=0"])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    command = [*launcher, "-m", "hpc_drseg", "eval", "--run-dir", str(run_dir), *BATCHES_OF_3, "data.num_workers=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    two = json.loads((run_dir / "eval_test.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    _assert_close(_scores(one), _scores(two), rel=1e-4)
