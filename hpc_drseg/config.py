@@ -310,6 +310,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, inner[0])
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and isinstance(choices[0], str):
+            value = _unyaml_bool(value, choices)
         if value not in choices or type(value) is not type(choices[0]):
             raise ConfigError(f"{key}: got {value!r}; choose one of {list(choices)}")
         return value
@@ -327,6 +329,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected {tp.__name__}")
     return value
+
+
+# YAML 1.1 (PyYAML) reads these words as booleans, so `train.precision=no` or `precision: no` arrives as False.
+_YAML_BOOL_WORDS = {True: ("yes", "true", "on"), False: ("no", "false", "off")}
+
+
+def _unyaml_bool(value: bool, choices: tuple[str, ...]) -> Any:
+    """The string choice that YAML turned into `value` (e.g. False -> 'no'); `value` unchanged when none fits."""
+    matches = [c for c in choices if c.lower() in _YAML_BOOL_WORDS[value]]
+    return matches[0] if len(matches) == 1 else value
 
 
 def _field_names(cls: type) -> list[str]:

@@ -107,6 +107,16 @@ def test_parse_overrides_nests_and_parses_values():
     }
 
 
+def test_yaml_boolean_words_reach_string_choices(tmp_path):
+    """YAML 1.1 reads `no` as False: precision 'no' must still work unquoted, on the command line and in a file."""
+    assert load_config(None, ["train.precision=no"]).train.precision == "no"
+    path = tmp_path / "fp32.yaml"
+    path.write_text("train:\n  precision: no\n")
+    assert load_config(path, []).train.precision == "no"
+    with pytest.raises(ConfigError, match="train.precision: got True; choose one of"):
+        load_config(None, ["train.precision=yes"])  # no choice spells True
+
+
 def test_run_dir_defaults_to_config_name():
     cfg = load_config(CONFIG_DIR / "unet.yaml")
     assert cfg.run_dir == Path("runs") / "unet"

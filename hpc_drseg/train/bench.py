@@ -6,6 +6,7 @@ of steps after warm-up. FLOPs come from the model's flop count (models.describe_
 
 from __future__ import annotations
 
+import os
 import resource
 import tempfile
 import time
@@ -20,6 +21,9 @@ from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.pipeline import Batch
 from hpc_drseg.models import describe_model
 from hpc_drseg.train.trainer import Trainer
+
+
+_SYNTHETIC_IMAGES_MAX = 256
 
 
 def _synchronize(device: torch.device) -> None:
@@ -61,9 +65,12 @@ def _ensure_shards(cfg: RunConfig, images: int, workdir: Path) -> tuple[RunConfi
     from hpc_drseg.data.shards import write_shards
     from hpc_drseg.data.synth import write_synthetic_ddr
 
-    ddr = write_synthetic_ddr(workdir / "ddr", {"train": images}, size_px=cfg.data.image_px, progress=False, workers=1)
+    workers = max(1, min(8, len(os.sched_getaffinity(0))))
+    ddr = write_synthetic_ddr(
+        workdir / "ddr", {"train": images}, size_px=cfg.data.image_px, progress=False, workers=workers
+    )
     shards = workdir / "shards"
-    write_shards(ddr, shards, image_px=cfg.data.image_px, progress=False, workers=1)
+    write_shards(ddr, shards, image_px=cfg.data.image_px, progress=False, workers=workers)
     values = config_to_dict(cfg)
     values["data"]["shards"] = str(shards)
     return config_from_dict(values), f"synthetic shards ({images} images; {cfg.data.shards} has none)"
@@ -71,11 +78,15 @@ def _ensure_shards(cfg: RunConfig, images: int, workdir: Path) -> tuple[RunConfi
 
 def benchmark_train(cfg: RunConfig, steps: int = 20, warmup: int = 3, log: Callable[[str], None] = print) -> dict:
     """Runs `warmup + steps` training steps on random on-device batches, then on the loader's batches."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps {steps} / --warmup {warmup}: need at least 1 timed step and >= 0 warm-up steps")
     with tempfile.TemporaryDirectory(prefix="drseg-bench-") as tmp:
         values = config_to_dict(cfg)
         values["train"].update(run_dir=str(Path(tmp) / "run"), steps_per_epoch=warmup + steps, max_steps=0)
         cfg = config_from_dict(values)
-        cfg, data_source = _ensure_shards(cfg, (warmup + steps) * cfg.train.batch_size, Path(tmp))
+        # the training loader resamples shards, so a few hundred images feed any number of steps
+        images = min((warmup + steps) * cfg.train.batch_size, _SYNTHETIC_IMAGES_MAX)
+        cfg, data_source = _ensure_shards(cfg, images, Path(tmp))
         trainer = Trainer(cfg)
         try:
             device = trainer.accelerator.device
