@@ -75,13 +75,14 @@ def decode_sample(raw: dict[str, Any], shard: Path, with_native: bool = False) -
             "re-run `drseg shard --overwrite`"
         )
     image = decode_png(raw["image.png"], f"shard {shard}: {key}.image.png")
-    mask = unpack_masks(decode_png(raw["mask.png"], f"shard {shard}: {key}.mask.png"))
+    name = f"shard {shard}: {key}.mask.png"
+    mask = unpack_masks(decode_png(raw["mask.png"], name), name=name)
     if image.ndim != 3 or mask.shape[:2] != image.shape[:2]:
         raise ValueError(f"shard {shard}: sample '{key}' has image {image.shape} and mask {mask.shape}; re-shard")
     native = None
     if with_native:
-        native = unpack_masks(decode_png(raw["native.png"], f"shard {shard}: {key}.native.png")).transpose(2, 0, 1)
-        native = np.ascontiguousarray(native)
+        name = f"shard {shard}: {key}.native.png"
+        native = unpack_masks(decode_png(raw["native.png"], name), channels_first=True, name=name)
     return Sample(key, image, mask, native)
 
 

@@ -84,6 +84,10 @@ def test_pack_unpack_all_lesion_combinations() -> None:
     assert packed.dtype == np.uint8 and packed.shape == (4, 4)
     np.testing.assert_array_equal(packed.ravel(), np.arange(16))
     np.testing.assert_array_equal(unpack_masks(packed), combos)
+    np.testing.assert_array_equal(unpack_masks(packed, channels_first=True), combos.transpose(2, 0, 1))
+    assert unpack_masks(packed, channels_first=True).flags.c_contiguous
+    with pytest.raises(ValueError, match="x.png: packed mask values must be 0..15"):
+        unpack_masks(packed + 1, name="x.png")
 
 
 # ------------------------------------------------------------------------------------------------ round trip
