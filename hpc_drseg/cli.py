@@ -48,6 +48,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
         allow_missing_masks=args.allow_missing_masks,
         workers=args.workers,
         progress=not args.quiet,
+        image_codec=args.image_codec,
     )
     for split, info in manifest["splits"].items():
         lesions = " ".join(f"{k}={v}" for k, v in info["lesion_images"].items())
@@ -217,8 +218,12 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
         description="drseg sweep [run] --config SWEEP.yaml [--executor slurm|local|debug] [key=value …] | "
         "drseg sweep status SWEEP_DIR | drseg sweep collect SWEEP_DIR [--rank-by METRIC]",
     )
-    p.add_argument("overrides", nargs="*", metavar="[run|status|collect] [SWEEP_DIR] [key=value]",
-                   help="action (default run), the sweep folder (status, collect), sweep-spec overrides (run)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="[run|status|collect] [SWEEP_DIR] [key=value]",
+        help="action (default run), the sweep folder (status, collect), sweep-spec overrides (run)",
+    )
     p.add_argument("--config", "-c", help="sweep spec YAML (see configs/sweep_*.yaml)")
     p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override executor.kind")
     p.add_argument("--sweep-dir", default=None, help="output folder (default: sweep_dir of the spec, else sweeps/NAME)")
@@ -260,6 +265,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
     p.add_argument("--allow-missing-masks", action="store_true", help="treat a missing mask file as all-zero")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--image-codec", default="png", choices=("png", "npy"),
+        help="training images as PNG (default, 2.4x smaller) or raw .npy (decode ~40x cheaper; for CPU-bound nodes)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shard)
 

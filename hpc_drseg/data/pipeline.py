@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hpc_drseg.data.shards import (
+    IMAGE_CODECS,
+    decode_image,
     decode_png,
     iter_shard_samples,
     read_manifest,
@@ -65,16 +67,17 @@ def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
 
 # ------------------------------------------------------------------------------------------------- decoding
 def decode_sample(raw: dict[str, Any], shard: Path, with_native: bool = False) -> Sample:
-    """Raw tar sample {'__key__', 'image.png', 'mask.png', ...} → Sample; masks stay H×W bit planes, not RGB."""
+    """Raw tar sample {'__key__', 'image.png' or 'image.npy', 'mask.png', ...} → Sample; masks stay H×W bit planes."""
     key = raw["__key__"]
-    needed = ("image.png", "mask.png") + (("native.png",) if with_native else ())
-    absent = [ext for ext in needed if ext not in raw]
+    codec = next((c for c in IMAGE_CODECS if f"image.{c}" in raw), None)
+    needed = ("mask.png",) + (("native.png",) if with_native else ())
+    absent = [ext for ext in needed if ext not in raw] + ([] if codec else [f"image.{IMAGE_CODECS[0]}"])
     if absent:
         raise ValueError(
             f"shard {shard}: sample '{key}' lacks {absent} (has {sorted(k for k in raw if k != '__key__')}); "
             "re-run `drseg shard --overwrite`"
         )
-    image = decode_png(raw["image.png"], f"shard {shard}: {key}.image.png")
+    image = decode_image(raw[f"image.{codec}"], codec, f"shard {shard}: {key}.image.{codec}")
     name = f"shard {shard}: {key}.mask.png"
     mask = unpack_masks(decode_png(raw["mask.png"], name), name=name)
     if image.ndim != 3 or mask.shape[:2] != image.shape[:2]:

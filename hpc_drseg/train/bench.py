@@ -22,7 +22,6 @@ from hpc_drseg.data.pipeline import Batch
 from hpc_drseg.models import describe_model
 from hpc_drseg.train.trainer import Trainer
 
-
 _SYNTHETIC_IMAGES_MAX = 256
 
 

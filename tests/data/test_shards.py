@@ -148,6 +148,29 @@ def test_webdataset_library_reads_the_shards(shards_dir: Path) -> None:
     assert all({"image.png", "mask.png", "native.png", "json"} <= set(s) for s in samples)
 
 
+def test_npy_image_codec_decodes_to_the_same_samples(ddr_root: Path, shards_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "npy"
+    manifest = write_shards(ddr_root, out, image_px=128, samples_per_shard=2, workers=1, progress=False,
+                            image_codec="npy")  # fmt: skip
+    assert manifest["image_codec"] == "npy" and read_manifest(shards_dir)["image_codec"] == "png"
+    for split in ("train", "test"):
+        info_png, info_npy = read_manifest(shards_dir)["splits"][split], manifest["splits"][split]
+        pairs = zip(shard_groups(shards_dir, info_png), shard_groups(out, info_npy))
+        for (png_path, _), (npy_path, _) in pairs:
+            for raw_png, raw_npy in zip(iter_shard_samples(png_path), iter_shard_samples(npy_path)):
+                assert "image.npy" in raw_npy and "image.png" not in raw_npy
+                a = decode_sample(raw_png, png_path, with_native=split == "test")
+                b = decode_sample(raw_npy, npy_path, with_native=split == "test")
+                assert a.id == b.id and np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+                assert split == "train" or np.array_equal(a.native, b.native)
+    raw = next(iter_shard_samples(out / "train-000000.tar"))
+    raw["image.npy"] = raw["image.npy"][:100]  # truncated
+    with pytest.raises(ValueError, match=r"image.npy: corrupt .npy in the shard"):
+        decode_sample(raw, out / "train-000000.tar")
+    with pytest.raises(ValueError, match="image_codec: got 'jpg'; choose one of"):
+        write_shards(ddr_root, tmp_path / "jpg", image_px=128, progress=False, image_codec="jpg")
+
+
 # --------------------------------------------------------------------------------------- determinism, atomicity
 def test_output_bytes_do_not_depend_on_worker_count(tmp_path: Path, make_ddr) -> None:
     root = make_ddr(tmp_path / "ddr", counts={"train": 5, "test": 3}, size_px=80)
