@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpc_drseg import __version__
 from hpc_drseg.config import ConfigError, describe_fields, dump_config, load_config
-from hpc_drseg.constants import SPLITS
+from hpc_drseg.constants import IMAGE_CODECS, SPLITS
 
 EPILOG = "Overrides are dotted key=value pairs, e.g. optim.lr=3e-4 model.cbam.sites=[aspp]; see `drseg config keys`."
 
@@ -266,7 +266,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing-masks", action="store_true", help="treat a missing mask file as all-zero")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument(
-        "--image-codec", default="png", choices=("png", "npy"),
+        "--image-codec", default=IMAGE_CODECS[0], choices=IMAGE_CODECS,
         help="training images as PNG (default, 2.4x smaller) or raw .npy (decode ~40x cheaper; for CPU-bound nodes)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -23,3 +23,5 @@ LESION_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
+# How `drseg shard` stores training images (data/shards.py says why there are two); the first is the default.
+IMAGE_CODECS: tuple[str, ...] = ("png", "npy")

@@ -13,7 +13,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import functools  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
@@ -141,19 +141,19 @@ def _paper_transforms(strength: float, image_px: int, stock: bool = False) -> li
     # (3, 3): a fixed 3×3 kernel. A bare 3 means (0, 3) in 2.x, and 0 derives kernels up to 21 px from sigma.
     blur = A.GaussianBlur(blur_limit=(3, 3), p=_p("GaussianBlur", strength))
     px_scale = image_px / _PAPER_PX  # elastic alpha and sigma are in pixels: keep the paper's field at other sizes
-    elastic = A.ElasticTransform if stock else ElasticTransformLowRankBlur
+    elastic = (A.ElasticTransform if stock else ElasticTransformLowRankBlur)(
+        alpha=1.0 * px_scale, sigma=50.0 * px_scale, p=0.15, **geometric_border
+    )
+    if isinstance(elastic, ElasticTransformLowRankBlur):
+        elastic.blur_factors(image_px, image_px)  # now, so forked loader workers inherit them (the SVD takes ~0.5 s)
     distortion = A.OneOf(
         [
-            elastic(alpha=1.0 * px_scale, sigma=50.0 * px_scale, p=0.15, **geometric_border),
+            elastic,
             A.GridDistortion(p=0.15, **geometric_border),
             A.OpticalDistortion(distort_limit=(-1.0, 1.0), mode="camera", p=0.15, **geometric_border),
         ],
         p=_p("distortion", strength),
     )
-    if not stock:
-        # factorise the blur now: forked loader workers inherit the cache instead of each paying the SVD (~0.5 s)
-        low_rank_blur_factors(2 * image_px, 50.0 * px_scale)
-        low_rank_blur_factors(image_px, 50.0 * px_scale)
     return [*_flips(strength, stock), affine, colour, noise, blur, distortion]
 
 
@@ -175,6 +175,10 @@ class RandomRotate90CV(A.RandomRotate90):
         return np.ascontiguousarray(np.rot90(img, factor))
 
 
+Factors = tuple[torch.Tensor, torch.Tensor]
+"""(left (n, r), right (r, n)): a blur matrix ≈ left @ right."""
+
+
 class ElasticTransformLowRankBlur(A.ElasticTransform):
     """A.ElasticTransform (albumentations 2.x, Gaussian noise) with the same random draws and the same displacement
     field up to 2e-4·alpha px, about 5× faster.
@@ -189,11 +193,20 @@ class ElasticTransformLowRankBlur(A.ElasticTransform):
     are the stock transform's, up to a rare ±1 at a rounding boundary (the tests compare them).
     """
 
+    def blur_factors(self, height: int, width: int) -> Optional[tuple[Factors, Factors]]:
+        """The (rows, columns) factorisations for (height, width) images (cached), or None where the low-rank path
+        does not apply: options it does not reproduce, or a kernel too narrow to be low-rank."""
+        if self.approximate or self.same_dxdy or self.noise_distribution != "gaussian":
+            return None
+        rows, cols = low_rank_blur_factors(2 * height, self.sigma), low_rank_blur_factors(width, self.sigma)
+        return (rows, cols) if rows and cols else None
+
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        rows, cols = low_rank_blur_factors(2 * height, self.sigma), low_rank_blur_factors(width, self.sigma)
-        if self.approximate or self.same_dxdy or self.noise_distribution != "gaussian" or not (rows and cols):
+        factors = self.blur_factors(height, width)
+        if factors is None:
             return super().get_params_dependent_on_data(params, data)
+        rows, cols = factors
         fields = self.random_generator.standard_normal((2, height, width), dtype=np.float32)  # the stock draw
         max_abs = np.abs(fields).max()
         if max_abs > 1e-6:
@@ -214,7 +227,7 @@ _LOW_RANK_MAX_SPAN = 60  # n / sigma above which the rank needed (~1.6 n / sigma
 
 
 @functools.lru_cache(maxsize=16)
-def low_rank_blur_factors(n: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def low_rank_blur_factors(n: int, sigma: float) -> Optional[Factors]:
     """(left (n, r), right (r, n)) float32 with left @ right ≈ the n×n matrix of OpenCV's GaussianBlur along one
     axis (kernel size and taps as cv2.GaussianBlur picks them for float images, replicate border), erring by at
     most _LOW_RANK_MAX_ERROR in the max-row-sum norm; None when that needs a rank above _LOW_RANK_MAX_RANK (narrow

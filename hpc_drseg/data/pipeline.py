@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hpc_drseg.constants import IMAGE_CODECS
 from hpc_drseg.data.shards import (
-    IMAGE_CODECS,
     decode_image,
     decode_png,
     iter_shard_samples,
@@ -80,7 +80,7 @@ def decode_sample(raw: dict[str, Any], shard: Path, with_native: bool = False) -
     image = decode_image(raw[f"image.{codec}"], codec, f"shard {shard}: {key}.image.{codec}")
     name = f"shard {shard}: {key}.mask.png"
     mask = unpack_masks(decode_png(raw["mask.png"], name), name=name)
-    if image.ndim != 3 or mask.shape[:2] != image.shape[:2]:
+    if mask.shape[:2] != image.shape[:2]:
         raise ValueError(f"shard {shard}: sample '{key}' has image {image.shape} and mask {mask.shape}; re-shard")
     native = None
     if with_native:
@@ -295,11 +295,10 @@ def _train_shards(folder: Path, info: dict[str, Any], subset: int) -> tuple[list
 
 # ----------------------------------------------------------------------------------------------- evaluation
 class _Slot(NamedTuple):
-    """What one DataLoader worker of this rank reads: shards, the ids it yields (in order), and them as a set."""
+    """What one DataLoader worker of this rank reads: shards, and the ids it yields from them (in order)."""
 
     paths: list[Path]
     ids: list[str]
-    keep: frozenset[str]
 
 
 class _EvalStream(IterableDataset):
@@ -312,11 +311,12 @@ class _EvalStream(IterableDataset):
         if get_worker_info() is not None:
             cv2.setNumThreads(0)
         slot = self.slots[worker]
+        keep = frozenset(slot.ids)
         batch: list[Sample] = []
         left = len(slot.ids)
         for path in slot.paths:
             for raw in iter_shard_samples(path):
-                if raw["__key__"] not in slot.keep:
+                if raw["__key__"] not in keep:
                     continue
                 batch.append(decode_sample(raw, path, self.with_native))
                 left -= 1
@@ -346,7 +346,7 @@ def eval_slots(
         begin, end = (first + k for k in _share(stop - first, worker, count))
         part = ordered[begin * batch_size : end * batch_size]
         ids = [sample_id for _, sample_id in part]
-        slots.append(_Slot(list(dict.fromkeys(path for path, _ in part)), ids, frozenset(ids)))
+        slots.append(_Slot(list(dict.fromkeys(path for path, _ in part)), ids))
     return slots
 
 

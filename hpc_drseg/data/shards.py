@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hpc_drseg import __version__
-from hpc_drseg.constants import LESIONS
+from hpc_drseg.constants import IMAGE_CODECS, LESIONS
 from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, read_sample, resolve_root
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 NATIVE_SPLITS = ("valid", "test")  # the standard evaluation protocol scores these at native resolution (SPEC)
 SAMPLES_PER_SHARD = 16  # DDR valid (149) → 10 shards, test (225) → 15: enough to split by shard over ranks × workers
-# How training images are stored; both lossless (no second lossy step after the source JPEG), so they decode to the
-# same pixels. png: ~2.4× smaller (the default, kind to shared file systems); npy: raw arrays, decoding ~40× cheaper
-# (512²: ~0.15 ms instead of ~6 ms, most of a loader worker's decode time) for nodes where CPU, not I/O, is short.
-IMAGE_CODECS = ("png", "npy")
+# IMAGE_CODECS: how training images are stored; both lossless (no second lossy step after the source JPEG), so they
+# decode to the same pixels. png: ~2.4× smaller (the default, kind to shared file systems); npy: raw arrays, decoding
+# ~40× cheaper (512²: ~0.15 ms instead of ~6 ms, most of a loader worker's decode time) for nodes short of CPU.
 ENCODING = {
     "image": "image.png or image.npy (manifest image_codec): RGB uint8 at image_px × image_px, lossless",
     "mask": "mask.png: 1-channel uint8 PNG, bit i set = lesion LESIONS[i] present (4 binary planes, lossless)",

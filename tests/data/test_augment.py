@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import random
 import subprocess
 import sys
 import warnings
@@ -293,7 +294,7 @@ def test_low_rank_elastic_field_matches_stock_to_far_below_remap_resolution():
         params = {"alpha": px / 512, "sigma": 50.0 * px / 512, "p": 1.0}
         ours, stock = ElasticTransformLowRankBlur(**params), A.ElasticTransform(**params)
         for t in (ours, stock):
-            t.set_random_state(np.random.default_rng(px), __import__("random").Random(px))
+            t.set_random_state(np.random.default_rng(px), random.Random(px))
         for _ in range(3):
             a = ours.get_params_dependent_on_data({"shape": (px, px + 24)}, {})
             b = stock.get_params_dependent_on_data({"shape": (px, px + 24)}, {})
@@ -303,9 +304,9 @@ def test_low_rank_elastic_field_matches_stock_to_far_below_remap_resolution():
                 assert np.abs(a[key] - b[key]).max() < 2e-4, (px, key)
     # The check can fail: a blur of the wrong width is far off.
     wrong = ElasticTransformLowRankBlur(alpha=1.0, sigma=40.0, p=1.0)
-    wrong.set_random_state(np.random.default_rng(512), __import__("random").Random(512))
+    wrong.set_random_state(np.random.default_rng(512), random.Random(512))
     stock = A.ElasticTransform(alpha=1.0, sigma=50.0, p=1.0)
-    stock.set_random_state(np.random.default_rng(512), __import__("random").Random(512))
+    stock.set_random_state(np.random.default_rng(512), random.Random(512))
     a, b = (t.get_params_dependent_on_data({"shape": (512, 512)}, {}) for t in (wrong, stock))
     assert np.abs(a["map_x"] - b["map_x"]).max() > 1e-3
 
@@ -322,7 +323,7 @@ def test_low_rank_blur_factors_bound_and_fallbacks():
     for extra in ({"approximate": True}, {"same_dxdy": True}, {"noise_distribution": "uniform"}):
         ours, stock = ElasticTransformLowRankBlur(p=1.0, **extra), A.ElasticTransform(p=1.0, **extra)
         for t in (ours, stock):
-            t.set_random_state(np.random.default_rng(3), __import__("random").Random(3))
+            t.set_random_state(np.random.default_rng(3), random.Random(3))
         a, b = (t.get_params_dependent_on_data({"shape": (96, 96)}, {}) for t in (ours, stock))
         assert np.array_equal(a["map_x"], b["map_x"]) and np.array_equal(a["map_y"], b["map_y"]), extra
 
