@@ -8,15 +8,13 @@ protocol's batches, and its result, are the same as with one process.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hpc_drseg.atomic import atomic_write_text
+from hpc_drseg.atomic import atomic_write_json
 from hpc_drseg.config import RunConfig, config_from_dict, load_config
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.pipeline import build_eval_loader
@@ -85,7 +83,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", protocol: str = "both
         result["protocols"]["standard"] = standard.compute()
         result["pr_curves"] = _pr_curves(standard)
     if accelerator.is_main_process:
-        atomic_write_text(run_dir / f"eval_{split}.json", json.dumps(_finite(result), indent=2))
+        atomic_write_json(run_dir / f"eval_{split}.json", result)
     accelerator.end_training()
     return result
 
@@ -96,14 +94,3 @@ def _pr_curves(standard) -> dict[str, dict[str, list[float]]]:
     return {
         lesion: {"precision": precision[i].tolist(), "recall": recall[i].tolist()} for i, lesion in enumerate(LESIONS)
     }
-
-
-def _finite(node: Any) -> Any:
-    """JSON has no NaN: a lesion absent from the split is written as null."""
-    if isinstance(node, dict):
-        return {k: _finite(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_finite(v) for v in node]
-    if isinstance(node, float) and not math.isfinite(node):
-        return None
-    return node

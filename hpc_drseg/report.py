@@ -97,7 +97,17 @@ def read_metrics_csv(run_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
-def _to_float(text: Optional[str]) -> float:
+def best_row(rows: list[dict[str, Any]], monitor: str, mode: str) -> Optional[dict[str, Any]]:
+    """The epoch row with the best `monitor` value (max or min, as train.monitor_mode); rows where it is missing or
+    NaN are skipped; the first of equal values wins. None when no row has it."""
+    scored = [row for row in rows if not _is_missing(_to_float(row.get(monitor)))]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda row: _to_float(row[monitor]))
+
+
+def _to_float(text: Any) -> float:
     try:
         return float(text) if text not in (None, "") else math.nan
     except ValueError:
@@ -181,7 +191,7 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     """savefig to a temporary file in the same folder, then rename: a reader never sees half a PNG."""
     try:
         with atomic_writer(path, "wb") as handle:
@@ -223,7 +233,7 @@ def plot_pr_curves(evals: dict[str, dict[str, Any]], path: Path) -> Optional[Pat
             ax.legend(loc="lower left", fontsize=9)  # PR curves fall towards the lower right
     axes[0].set_ylabel("precision")
     fig.suptitle("Precision-recall, standard protocol (native resolution, whole split)")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(history: list[dict[str, float]], path: Path) -> Optional[Path]:
@@ -265,7 +275,7 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Optiona
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8, ncol=2)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------- run report
@@ -342,9 +352,8 @@ def _training_markdown(history: list[dict[str, float]], train_cfg: dict[str, Any
         "",
         f"- epochs logged: {len(history)} (last epoch {fmt_int(last.get('epoch'))}, step {fmt_int(last.get('step'))})",
     ]
-    scored = [row for row in history if not _is_missing(row.get(monitor))]
-    if scored:
-        best = (max if mode == "max" else min)(scored, key=lambda row: row[monitor])
+    best = best_row(history, monitor, mode)
+    if best is not None:
         lines.append(f"- best {monitor} ({mode}): {fmt(best[monitor])} at epoch {fmt_int(best.get('epoch'))}")
     times = [row["epoch_time_s"] for row in history if not _is_missing(row.get("epoch_time_s"))]
     speeds = [row["img_per_s"] for row in history if not _is_missing(row.get("img_per_s"))]

@@ -25,8 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from hpc_drseg import __version__
+from hpc_drseg.atomic import replace_folder
 from hpc_drseg.constants import IMAGE_CODECS, LESIONS
 from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, read_sample, resolve_root
+from hpc_drseg.host import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +318,7 @@ def write_shards(
     base = resolve_root(ddr_root)
     samples = _collect(base, allow_missing_masks)
     total = sum(len(files) for files in samples.values())
-    workers = os.cpu_count() or 1 if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     options = _Options(image_px, allow_missing_masks, samples_per_shard, max(1, min(workers, total)), image_codec)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -327,7 +329,7 @@ def write_shards(
             for split, files in samples.items():
                 manifest["splits"][split] = _write_split(tmp, split, files, options, bar)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -377,25 +379,6 @@ def _write_split(folder: Path, split: str, files: list[SampleFiles], options: _O
     if writer.info["missing_masks"]:
         log.warning("%s: %d missing mask file(s) were treated as empty", split, writer.info["missing_masks"])
     return writer.info
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Renames tmp → out; an existing out (overwrite=True was checked) is moved aside first and removed last."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 # ------------------------------------------------------------------------------------------------------ reading

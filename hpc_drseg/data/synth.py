@@ -21,7 +21,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from hpc_drseg.atomic import replace_folder
 from hpc_drseg.constants import LESIONS, SPLITS
+from hpc_drseg.host import usable_cores
 
 DDR_COUNTS: dict[str, int] = {"train": 383, "valid": 149, "test": 225}
 # DDR: images containing each lesion, of 757 (SPEC.md).
@@ -497,29 +499,6 @@ def _check_args(counts: Mapping[str, int] | None, size_px: int, seed: int, worke
     return {split: n for split, n in counts.items() if n > 0}
 
 
-def _available_cores() -> int:
-    # A SLURM job or taskset may grant fewer cores than the node has; os.cpu_count() would oversubscribe them.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Moves the finished `tmp` tree to `out`; an existing `out` is removed only once the new tree is in place."""
-    if not os.path.lexists(out):
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
 def write_synthetic_ddr(
     out: str | Path,
     counts: Mapping[str, int] | None = None,
@@ -545,8 +524,8 @@ def write_synthetic_ddr(
             for sub in ("image", *(f"label/{lesion}" for lesion in LESIONS)):
                 (tmp / "lesion_segmentation" / split / sub).mkdir(parents=True)
         samples = _plan(tmp, counts, size_px, seed)
-        _run(samples, min(workers or _available_cores(), len(samples)), progress)
-        _swap_into_place(tmp, out)
+        _run(samples, min(workers or usable_cores(), len(samples)), progress)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

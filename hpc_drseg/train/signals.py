@@ -10,8 +10,9 @@ import signal
 from types import FrameType
 from typing import Optional
 
-# Exit status of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL): "resumable, run me again".
-EXIT_RESUMABLE = 75
+from hpc_drseg.constants import EXIT_RESUMABLE
+
+__all__ = ["EXIT_RESUMABLE", "STOP_SIGNALS", "StopFlag"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
