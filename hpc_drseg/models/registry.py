@@ -12,13 +12,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from hpc_drseg.config import ModelConfig
+from hpc_drseg.config.choices import MODEL_NAMES
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.models.backbone import check_divisible
 from hpc_drseg.models.cbam import active_impl
 from hpc_drseg.models.deeplab import DeepLabV3Plus
 from hpc_drseg.models.unet import UNet
-
-MODEL_NAMES: tuple[str, ...] = ("attention_deeplab", "deeplabv3plus", "unet")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -54,14 +53,9 @@ def _build(cfg: ModelConfig, cbam_impl: str, load_weights: bool) -> nn.Module:
     )
 
 
-def input_stride(cfg: ModelConfig) -> int:
-    """Input sides must be multiples of this: the backbone's output stride (DeepLab) or 16 (U-Net's 4 poolings)."""
-    return UNet.stride if cfg.name == "unet" else cfg.output_stride
-
-
 def check_input_size(cfg: ModelConfig, height: int, width: int) -> None:
-    """Raises ValueError naming sizes that work unless height and width are multiples of the model's stride."""
-    check_divisible(height, width, input_stride(cfg), cfg.name)
+    """Raises an error naming sizes that work unless height and width are multiples of cfg.input_multiple."""
+    check_divisible(height, width, cfg.input_multiple, cfg.name)
 
 
 def uses_cbam(cfg: ModelConfig) -> bool:
@@ -90,7 +84,7 @@ def describe_model(cfg: ModelConfig, image_px: int) -> dict[str, Any]:
         "backbone": None if cfg.name == "unet" else cfg.backbone,
         "pretrained_path": None if cfg.name == "unet" else cfg.pretrained_path,  # reported, not read
         "output_stride": None if cfg.name == "unet" else cfg.output_stride,
-        "input_multiple": input_stride(cfg),
+        "input_multiple": cfg.input_multiple,
         "image_px": image_px,
         "params_total": total,
         "params_trainable": trainable,

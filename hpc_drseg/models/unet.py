@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpc_drseg.config.schema import UNET_INPUT_MULTIPLE
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.models.backbone import check_divisible
 
@@ -67,7 +68,7 @@ class UNet(nn.Module):
     convs it has 16w.
     """
 
-    stride = 16
+    stride = UNET_INPUT_MULTIPLE  # four 2× poolings
 
     def __init__(self, base_width: int = 32, bilinear: bool = True):
         super().__init__()

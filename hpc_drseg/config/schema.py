@@ -1,0 +1,287 @@
+"""The run configuration's schema: one dataclass tree, every field with a default and a docstring (the string after
+it), checks of single fields and cross-field rules in `__post_init__`. Loading lives in loader.py. Standard library
+only (no torch), so the CLI validates a config in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hpc_drseg.config.checks import ConfigError, check_positive, check_range, check_unique_choices
+from hpc_drseg.config.choices import (
+    CBAM_SITES,
+    AugmentPreset,
+    BackboneName,
+    BoundaryMode,
+    CBAMImpl,
+    CBAMSite,
+    EvalProtocol,
+    ModelName,
+    MonitorMode,
+    OutputStride,
+    Precision,
+)
+from hpc_drseg.constants import LESIONS
+
+# U-Net halves the resolution four times; DeepLab models need multiples of their backbone's output stride.
+UNET_INPUT_MULTIPLE = 16
+
+
+def input_multiple(model_name: str, output_stride: int) -> int:
+    """The one rule for input sizes: height and width must be multiples of the model's total downsampling."""
+    return UNET_INPUT_MULTIPLE if model_name == "unet" else output_stride
+
+
+@dataclass
+class AugmentConfig:
+    preset: AugmentPreset = "paper"
+    """'paper': the paper's transforms (docs/method.md); 'light': flips/rotations only; 'none': resize+normalise."""
+    strength: float = 1.0
+    """Multiplies every transform's probability (0 disables all, 1 = the paper's values)."""
+
+    def __post_init__(self) -> None:
+        check_range("data.augment.strength", self.strength, 0.0, 2.0)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"
+    """Shard directory written by `drseg shard` (holds manifest.json)."""
+    image_px: int = 512
+    """Side of the square training image; must equal the shards' image_px."""
+    train_split: str = "train"
+    """Split used for training."""
+    val_split: str = "valid"
+    """Split used for validation (LR schedule, early stopping, best checkpoint)."""
+    test_split: str = "test"
+    """Split reported by `drseg eval` by default."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the main process)."""
+    shuffle_buffer: int = 64
+    """Samples held in the in-memory shuffle buffer of each worker."""
+    subset: int = 0
+    """If > 0, use only this many training samples per epoch (debug runs)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-time augmentation (validation and test get resize + normalise only)."""
+
+    def __post_init__(self) -> None:
+        check_positive("data.image_px", self.image_px)  # its multiple depends on the model: RunConfig checks it
+        check_range("data.num_workers", self.num_workers, 0, 256)
+        check_range("data.shuffle_buffer", self.shuffle_buffer, 1, 1_000_000)
+        check_range("data.subset", self.subset, 0, 10_000_000)
+
+
+@dataclass
+class CBAMConfig:
+    impl: CBAMImpl = "eager"
+    """CBAM computation: eager PyTorch, torch.compile of it, or the fused Triton kernel."""
+    reduction: int = 16
+    """Channel-MLP reduction ratio r (hidden = max(1, C // r))."""
+    kernel_size: int = 7
+    """Spatial-attention convolution size (odd)."""
+    sites: list[CBAMSite] = field(default_factory=lambda: list(CBAM_SITES))
+    """Where Attention-DeepLab inserts CBAM: 'aspp' (after ASPP), 'low_level' (after the 48-ch projection)."""
+
+    def __post_init__(self) -> None:
+        check_positive("model.cbam.reduction", self.reduction)
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"model.cbam.kernel_size: got {self.kernel_size}; it must be a positive odd number")
+        check_unique_choices("model.cbam.sites", self.sites)
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = "attention_deeplab"
+    """Architecture: Attention-DeepLab (paper), plain DeepLab-V3+, or U-Net."""
+    backbone: BackboneName = "resnet50"
+    """ResNet encoder of the DeepLab models (torchvision module names)."""
+    pretrained_path: Optional[str] = None
+    """Local torchvision-format ImageNet state-dict file for the backbone; None = random init. Never downloaded."""
+    output_stride: OutputStride = 32
+    """Backbone output stride: 32 = the paper's model (no dilation), 16 = dilated layer4 (usual DeepLab-V3+)."""
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    """Atrous rates of the three 3×3 ASPP branches."""
+    aspp_separable: bool = False
+    """Depthwise-separable ASPP/decoder convs (as SMP) instead of ordinary 3×3 convs (as the paper's code)."""
+    use_aux_head: bool = False
+    """Auxiliary FCN head on layer4 (paper code, not text); training only."""
+    cbam: CBAMConfig = field(default_factory=CBAMConfig)
+    """CBAM attention blocks (used by attention_deeplab only)."""
+    unet_base_width: int = 32
+    """U-Net channels at the first level (paper run: 32)."""
+    unet_bilinear: bool = True
+    """U-Net upsampling by bilinear interpolation (True, paper run) or transposed convolution."""
+
+    def __post_init__(self) -> None:
+        if len(self.aspp_rates) != 3 or any(r < 1 for r in self.aspp_rates):
+            raise ConfigError(f"model.aspp_rates: got {self.aspp_rates}; give three positive rates, e.g. [6, 12, 18]")
+        check_positive("model.unet_base_width", self.unet_base_width)
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this (see `input_multiple`)."""
+        return input_multiple(self.name, self.output_stride)
+
+
+@dataclass
+class LossWeights:
+    dice: float = 1.0
+    """Weight of the soft Dice term."""
+    bce: float = 0.5
+    """Weight of the binary cross-entropy term."""
+    focal: float = 1.0
+    """Weight of the focal term."""
+    boundary: float = 0.5
+    """Weight of the boundary term (paper eq. 5-6)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dice", "bce", "focal", "boundary"):
+            check_range(f"loss.weights.{name}", getattr(self, name), 0.0, 1e6)
+
+
+@dataclass
+class LossConfig:
+    weights: LossWeights = field(default_factory=LossWeights)
+    """Weights of the four terms: L = dice·Dice + bce·BCE + focal·Focal + boundary·Boundary."""
+    focal_alpha: float = 0.25
+    """Focal α for positives (negatives get 1 − α)."""
+    focal_gamma: float = 2.0
+    """Focal focusing exponent γ."""
+    boundary_theta: float = 1.5
+    """θ in exp(−θ·‖∇T‖) of the boundary term."""
+    boundary_mode: BoundaryMode = "paper"
+    """'paper' = eq. (5) as written (down-weights pixels at lesion edges); 'edge_emphasis' up-weights them instead."""
+    pos_weight: Optional[list[float]] = None
+    """Per-lesion BCE positive weights in LESIONS order (paper code: [4, 1, 1.5, 2]); None = off."""
+    dice_eps: float = 1e-6
+    """Smoothing ε of the Dice term."""
+    aux_weight: float = 0.4
+    """Weight of the auxiliary head's loss (when model.use_aux_head)."""
+
+    def __post_init__(self) -> None:
+        check_range("loss.focal_alpha", self.focal_alpha, 0.0, 1.0)
+        check_range("loss.focal_gamma", self.focal_gamma, 0.0, 10.0)
+        check_range("loss.boundary_theta", self.boundary_theta, 0.0, 100.0)
+        if self.pos_weight is not None and len(self.pos_weight) != len(LESIONS):
+            raise ConfigError(
+                f"loss.pos_weight: got {len(self.pos_weight)} values; give {len(LESIONS)}, one per lesion {LESIONS}"
+            )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Adam learning rate (paper)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam β1, β2 (paper)."""
+    weight_decay: float = 0.0
+    """L2 weight decay (paper text: none; paper code: 1e-5)."""
+    plateau_factor: float = 0.5
+    """ReduceLROnPlateau factor (paper)."""
+    plateau_patience: int = 5
+    """ReduceLROnPlateau patience in epochs (paper)."""
+    min_lr: float = 0.0
+    """Lower bound of the learning rate."""
+
+    def __post_init__(self) -> None:
+        check_range("optim.lr", self.lr, 1e-12, 10.0)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: got {self.betas}; give two numbers in [0, 1), e.g. [0.9, 0.999]")
+        check_range("optim.plateau_factor", self.plateau_factor, 1e-6, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: Optional[str] = None
+    """Run directory; None = runs/<config file name>. Re-running on an existing one resumes it."""
+    seed: int = 0
+    """Seeds Python, NumPy, torch and the data order."""
+    batch_size: int = 4
+    """Images per process per step (paper: 4)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    max_epochs: int = 100
+    """Upper bound on epochs (paper: 100)."""
+    max_steps: int = 0
+    """If > 0, stop after this many optimiser steps."""
+    steps_per_epoch: int = 0
+    """Optimiser steps per epoch; 0 = training images / global batch."""
+    early_stop_patience: int = 15
+    """Stop after this many epochs without improvement of monitor (paper: 15); 0 = never."""
+    monitor: str = "val/mAP"
+    """Validation quantity for early stopping, LR schedule and best.pt (e.g. val/mAP, val/mIoU, val/loss)."""
+    monitor_mode: MonitorMode = "max"
+    """Whether the monitored quantity should go up (max) or down (min)."""
+    precision: Precision = "no"
+    """Mixed precision (paper: fp32 = 'no')."""
+    channels_last: bool = False
+    """Use the channels-last memory format (faster with mixed precision on GPUs and recent CPUs)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    debug: bool = False
+    """Single-process debug mode: deterministic, anomaly detection, shapes and timings logged, no compile."""
+    checkpoint_every_steps: int = 0
+    """Also write last.pt every N steps (0 = only at the end of each epoch)."""
+    log_every_steps: int = 10
+    """Progress-bar and TensorBoard scalar period."""
+    cpu: bool = False
+    """Force CPU even when CUDA is present."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "max_epochs", "log_every_steps"):
+            check_positive(f"train.{name}", getattr(self, name))
+        for name in ("max_steps", "steps_per_epoch", "early_stop_patience", "checkpoint_every_steps"):
+            check_range(f"train.{name}", getattr(self, name), 0, 10**12)
+
+
+@dataclass
+class EvalConfig:
+    protocol: EvalProtocol = "both"
+    """Which evaluation protocol(s) to report (docs/method.md)."""
+    split: str = "test"
+    """Split evaluated by `drseg eval`."""
+    batch_size: int = 4
+    """Images per batch; the paper protocol averages per batch of 4."""
+    threshold: float = 0.5
+    """Probability threshold for IoU and Dice."""
+    histogram_bins: int = 10000
+    """Score-histogram bins of the standard protocol's AP, a multiple of 100 (finer = closer to exact AP)."""
+
+    def __post_init__(self) -> None:
+        check_positive("eval.batch_size", self.batch_size)
+        check_range("eval.threshold", self.threshold, 0.0, 1.0)
+        if not 100 <= self.histogram_bins <= 10_000_000 or self.histogram_bins % 100:
+            # PR curves are read at thresholds 0.00, 0.01, …, 1.00, which must fall on bin edges.
+            raise ConfigError(f"eval.histogram_bins: got {self.histogram_bins}; use a multiple of 100 (e.g. 10000)")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name (defaults to the config file's stem)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards, loader and augmentation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Combined loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop, precision, checkpoints."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation protocols."""
+
+    def __post_init__(self) -> None:
+        multiple = self.model.input_multiple
+        if self.data.image_px % multiple:
+            raise ConfigError(
+                f"data.image_px: got {self.data.image_px}; it must be divisible by {multiple} for "
+                f"{self.model.name} (model.output_stride={self.model.output_stride}), e.g. 256, 512, 1024"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir) if self.train.run_dir else Path("runs") / self.name
