@@ -1,6 +1,7 @@
 """CBAM, the Convolutional Block Attention Module (Woo et al., ECCV 2018), with the paper code's semantics: a
 bias-free shared channel MLP and a bias-free 7×7 spatial conv without BatchNorm (timm's CbamModule adds a BN).
-The whole computation sits behind one function, `cbam_forward`, so a fused kernel can replace it (impl="triton").
+Channel and spatial parts are small modules composed by `CBAM`, as in timm; for impl="compile"/"triton" the whole
+block goes through one function, `cbam_forward`, the boundary a fused kernel replaces.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from hpc_drseg.errors import InputError
 
 CBAMImpl = Literal["eager", "compile", "triton"]
 IMPLS: tuple[str, ...] = ("eager", "compile", "triton")
@@ -54,12 +57,16 @@ def cbam_eager(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> Te
     against fp64; fp32 inside leaves ≈0.2 %, the output rounding).
     The fp32 copy is small (CBAM sits on 256×(H/32)² and 48×(H/4)² maps).
     """
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = _compute_dtype(x)
     with _autocast_off(x.device.type):
         xc = x.to(dtype)
         xc = xc * channel_gate(xc, w_fc1.to(dtype), w_fc2.to(dtype))
         out = xc * spatial_gate(xc, w_spatial.to(dtype))
     return out.to(x.dtype)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -86,8 +93,7 @@ def _triton_unavailable_reason(device_type: str) -> str | None:
 
 def active_impl(impl: CBAMImpl, x: Tensor) -> str:
     """The implementation `cbam_forward(x, ..., impl)` really runs ("triton" falls back to "eager")."""
-    if impl not in IMPLS:
-        raise ValueError(f"CBAM impl: got {impl!r}; choose one of {list(IMPLS)}")
+    _check_impl(impl)
     if impl == "triton" and triton_unavailable_reason(x) is not None:
         return "eager"
     return impl
@@ -111,7 +117,7 @@ def cbam_forward(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor, imp
             return sys.modules[TRITON_MODULE].cbam_forward(x, w_fc1, w_fc2, w_spatial)
         _warn_fallback(reason)
         return cbam_eager(x, w_fc1, w_fc2, w_spatial)
-    raise ValueError(f"CBAM impl: got {impl!r}; choose one of {list(IMPLS)}")
+    raise _bad_impl(impl)
 
 
 @functools.cache
@@ -130,6 +136,15 @@ def _compiled() -> Callable[..., Tensor]:
     return _compiled_eager
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise _bad_impl(impl)
+
+
+def _bad_impl(impl: str) -> InputError:
+    return InputError(f"CBAM impl: got {impl!r}; choose one of {list(IMPLS)}")
+
+
 def _warn_fallback(reason: str) -> None:
     if reason not in _warned_reasons:
         _warned_reasons.add(reason)
@@ -137,7 +152,10 @@ def _warn_fallback(reason: str) -> None:
 
 
 class ChannelAttention(nn.Module):
-    """Holds the shared MLP weights: two bias-free 1×1 convs, C → max(1, C // reduction) → C."""
+    """x · channel gate, the shared MLP being two bias-free 1×1 convs, C → max(1, C // reduction) → C.
+
+    Computes in x's dtype; `CBAM` hands it an fp32 copy (see `cbam_eager` for why).
+    """
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -146,37 +164,48 @@ class ChannelAttention(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return channel_gate(x, self.fc1.weight, self.fc2.weight)
+        # the weights follow x: a bf16 model still gets fp32 gates from CBAM's fp32 copy of x
+        return x * channel_gate(x, self.fc1.weight.to(x.dtype), self.fc2.weight.to(x.dtype))
 
 
 class SpatialAttention(nn.Module):
-    """Holds the bias-free 2 → 1 spatial conv (kernel_size × kernel_size, 'same' padding)."""
+    """x · spatial gate, from a bias-free 2 → 1 conv (kernel_size × kernel_size, 'same' padding, no BN).
+
+    Computes in x's dtype; `CBAM` hands it an fp32 copy (see `cbam_eager` for why).
+    """
 
     def __init__(self, kernel_size: int = 7):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"CBAM kernel_size: got {kernel_size}; it must be a positive odd number (paper: 7)")
+            raise InputError(f"CBAM kernel_size: got {kernel_size}; it must be a positive odd number (paper: 7)")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return spatial_gate(x, self.conv.weight)
+        return x * spatial_gate(x, self.conv.weight.to(x.dtype))
 
 
 class CBAM(nn.Module):
-    """x ← x · channel_gate(x); x ← x · spatial_gate(x). Same parameters and state_dict for every `impl`."""
+    """x ← channel(x); x ← spatial(x), as timm's CbamModule composes its parts. Same parameters and state_dict for
+    every `impl`: "eager" runs the submodules (in fp32, x's dtype out, as `cbam_eager`); "compile" and "triton" hand
+    the whole block to `cbam_forward`, the boundary a fused kernel replaces."""
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, impl: CBAMImpl = "eager"):
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"CBAM impl: got {impl!r}; choose one of {list(IMPLS)}")
+        _check_impl(impl)
         if reduction < 1:
-            raise ValueError(f"CBAM reduction: got {reduction}; it must be >= 1 (paper: 16)")
+            raise InputError(f"CBAM reduction: got {reduction}; it must be >= 1 (paper: 16)")
         self.impl = impl
         self.channel = ChannelAttention(channels, reduction)
         self.spatial = SpatialAttention(kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return cbam_forward(x, self.channel.fc1.weight, self.channel.fc2.weight, self.spatial.conv.weight, self.impl)
+        if self.impl != "eager":
+            return cbam_forward(
+                x, self.channel.fc1.weight, self.channel.fc2.weight, self.spatial.conv.weight, self.impl
+            )
+        with _autocast_off(x.device.type):
+            out = self.spatial(self.channel(x.to(_compute_dtype(x))))
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"

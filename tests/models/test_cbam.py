@@ -1,5 +1,6 @@
 """CBAM against a reference written here from the definition (Woo et al. 2018, paper-code semantics): forward and
-gradients, fp32 and bf16, NCHW and channels_last; compile parity; state_dict identical across impls; triton fallback."""
+gradients, fp32 and bf16, NCHW and channels_last; the module's composed eager path against `cbam_eager`; compile
+parity; state_dict identical across impls; triton fallback."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from hpc_drseg.models import CBAM
 from hpc_drseg.models import cbam as cbam_module
-from hpc_drseg.models.cbam import cbam_forward
+from hpc_drseg.models.cbam import cbam_eager, cbam_forward
 
 
 def reference_cbam(x, w1, w2, ws):
@@ -107,11 +108,43 @@ def test_module_shapes_and_paper_constants():
     module = CBAM(48)
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     # 48 // 16 = 3 hidden units, no biases anywhere, 7×7 conv 2 → 1 without BN
-    assert shapes == {"channel.fc1.weight": (3, 48, 1, 1), "channel.fc2.weight": (48, 3, 1, 1),
-                      "spatial.conv.weight": (1, 2, 7, 7)}  # fmt: skip
+    assert shapes == {
+        "channel.fc1.weight": (3, 48, 1, 1),
+        "channel.fc2.weight": (48, 3, 1, 1),
+        "spatial.conv.weight": (1, 2, 7, 7),
+    }
     x = torch.randn(1, 48, 5, 5)
     ref = reference_cbam(x, *[p.detach() for p in module.parameters()])
     torch.testing.assert_close(module(x), ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("module_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_eager_composes_submodules_and_matches_cbam_eager(channels_last, x_dtype, module_dtype):
+    """The eager module runs channel then spatial through their own forward; `cbam_eager` stays the reference and
+    the two agree bitwise, forward and gradients, whatever the input and parameter dtypes."""
+    module = CBAM(32).to(module_dtype)
+    calls = []
+    for name in ("channel", "spatial"):
+        getattr(module, name).register_forward_hook(lambda mod, args, out, name=name: calls.append(name))
+    x = make_inputs(32)[0].to(x_dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weights = [module.channel.fc1.weight, module.channel.fc2.weight, module.spatial.conv.weight]
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x_dtype)
+
+    x_module = x.clone().requires_grad_(True)
+    out = module(x_module)
+    g = torch.autograd.grad(out, [x_module, *weights], upstream)
+    assert calls == ["channel", "spatial"]
+    ref, g_ref = grads(cbam_eager, (x, *weights), upstream)
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.dtype == x_dtype and out.is_contiguous(memory_format=fmt)
+    assert torch.equal(out, ref)
+    for name, a, b in zip(("x", "w_fc1", "w_fc2", "w_spatial"), g, g_ref):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
 def test_state_dict_identical_across_impls():
