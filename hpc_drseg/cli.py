@@ -1,29 +1,78 @@
 """`drseg` command line: parse, load config, call. The only module that reads sys.argv.
 
-Heavy modules (torch, webdataset, albumentations) are imported inside each command, so `drseg --help` and config
-validation stay instant.
+One small builder per command; `bench`, `config` and `sweep` have sub-commands. Heavy modules (torch, webdataset,
+albumentations) are imported inside each command, so `drseg --help` and config validation stay instant. A user error
+(DrsegError) is printed as one line with exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hpc_drseg import __version__
-from hpc_drseg.config import ConfigError, describe_fields, dump_config, load_config
-from hpc_drseg.constants import IMAGE_CODECS, SPLITS
+from hpc_drseg.config import describe_fields, dump_config, load_config
+from hpc_drseg.config.choices import (
+    AUGMENT_PRESETS,
+    CHECKPOINT_CHOICES,
+    EVAL_PROTOCOLS,
+    EXECUTOR_KINDS,
+    IMAGE_CODECS,
+)
+from hpc_drseg.constants import SPLITS
+from hpc_drseg.errors import DrsegError, InputError
 
 EPILOG = "Overrides are dotted key=value pairs, e.g. optim.lr=3e-4 model.cbam.sites=[aspp]; see `drseg config keys`."
+DDR_COUNTS = (383, 149, 225)  # images per split of DDR's lesion-segmentation subset, in SPLITS order
+SWEEP_ACTIONS = ("run", "status", "collect")
+Handler = Callable[[argparse.Namespace], int]
 
 
-# ------------------------------------------------------------------------------------------------------ commands
+# ------------------------------------------------------------------------------------------------------ helpers
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _setup_logging() -> None:
+    # Only the main process talks; the others log warnings and errors.
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    """'1,2,4' → [1, 2, 4]; anything else is an error naming the option."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise InputError(f"{option}: got {text!r}; give comma-separated integers, e.g. 1,2") from None
+    return values
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML file of partial overrides (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _command(sub: argparse._SubParsersAction, name: str, handler: Handler, **kwargs) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, epilog=EPILOG, **kwargs)
+    parser.set_defaults(func=handler)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------- data
 def cmd_synth(args: argparse.Namespace) -> int:
     from hpc_drseg.data.synth import write_synthetic_ddr
 
-    counts = {"train": args.train, "valid": args.valid, "test": args.test}
+    counts = {split: getattr(args, split) for split in SPLITS}
     out = write_synthetic_ddr(
         args.out,
         counts=counts,
@@ -35,6 +84,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     )
     print(f"synthetic DDR tree written to {out} ({sum(counts.values())} images)")
     return 0
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "synth", cmd_synth, help="write synthetic DDR-like data in the official layout")
+    p.add_argument("--out", required=True, help="output folder (gets lesion_segmentation/{train,valid,test}/…)")
+    for split, default in zip(SPLITS, DDR_COUNTS):
+        p.add_argument(f"--{split}", type=int, default=default, help=f"{split} images (default {default}, as DDR)")
+    p.add_argument("--size", type=int, default=1024, help="nominal image side in px; sides vary ±15%% (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
@@ -57,17 +118,47 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(args: argparse.Namespace) -> int:
-    if args.action == "keys":
-        for key, default, doc in describe_fields():
-            print(f"{key:<32} {default:<28} {doc}")
-        return 0
-    cfg = load_config(args.config, args.overrides)
-    if args.action == "show":
-        print(dump_config(cfg), end="")
-    else:
-        print(f"ok: {args.config or 'defaults'} is a valid configuration")
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "shard", cmd_shard, help="convert a DDR tree (real or synthetic) into WebDataset shards")
+    p.add_argument("--ddr-root", required=True, help="folder holding lesion_segmentation/ (or that folder itself)")
+    p.add_argument("--out", required=True, help="shard folder to create (tars + manifest.json)")
+    p.add_argument("--image-px", type=int, default=512, help="training image side (default 512, the paper's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    p.add_argument("--allow-missing-masks", action="store_true", help="treat a missing mask file as all-zero")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
+    p.add_argument(
+        "--image-codec",
+        default=IMAGE_CODECS[0],
+        choices=IMAGE_CODECS,
+        help="training images as PNG (default, 2.4x smaller) or raw .npy (decode ~40x cheaper; for CPU-bound nodes)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ------------------------------------------------------------------------------------------------ config, info
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    load_config(args.config, args.overrides)
+    print(f"ok: {args.config or 'defaults'} is a valid configuration")
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    for key, default, doc in describe_fields():
+        print(f"{key:<32} {default:<28} {doc}")
+    return 0
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="show, check or list configuration keys", epilog=EPILOG)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _add_config_args(_command(actions, "show", cmd_config_show, help="print the resolved configuration as YAML"))
+    _add_config_args(_command(actions, "check", cmd_config_check, help="validate a configuration"))
+    _command(actions, "keys", cmd_config_keys, help="list every key with its default and meaning")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -83,6 +174,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "info", cmd_info, help="parameters, training FLOPs and output shape of the configured model")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+# ------------------------------------------------------------------------------- train, eval, report, predict
 def cmd_train(args: argparse.Namespace) -> int:
     from hpc_drseg.train.trainer import train
 
@@ -93,18 +191,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    _add_config_args(_command(sub, "train", cmd_train, help="train a model (resumes an existing run directory)"))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from hpc_drseg.evaluate import evaluate_run
     from hpc_drseg.report import write_run_report
 
     _setup_logging()
-    result = evaluate_run(args.run, split=args.split, protocol=args.protocol, which=args.checkpoint,
-                          overrides=args.overrides)  # fmt: skip
+    result = evaluate_run(
+        args.run, split=args.split, protocol=args.protocol, which=args.checkpoint, overrides=args.overrides
+    )
     if _is_main_process():
         for name, metrics in result["protocols"].items():
             print(f"{name:>8} protocol: mAP {_fmt(metrics['mAP'])}  mIoU {_fmt(metrics['mIoU'])}")
         print(f"report: {write_run_report(Path(args.run))}")
     return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "eval", cmd_eval, help="score a run with the paper and standard protocols, write its report")
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run directory made by drseg train (under torchrun use --run-dir: torchrun reads --run as --run-path)",
+    )
+    p.add_argument("--split", default="test", help="split to score (default test)")
+    p.add_argument("--protocol", default="both", choices=EVAL_PROTOCOLS, help="default both")
+    p.add_argument("--checkpoint", default="auto", choices=CHECKPOINT_CHOICES, help="default: best, else last")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the run's config (e.g. data.*)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -117,226 +235,206 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "report", cmd_report, help="Table I report of one run, or several runs side by side")
+    p.add_argument("runs", nargs="+", help="run directories (with eval_*.json from drseg eval)")
+    p.add_argument("--out", default=None, help="write the side-by-side table here (.md, and .csv beside it)")
+    p.add_argument("--split", default="test", help="split to compare (default test)")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from hpc_drseg.predict import predict
 
-    result = predict(Path(args.checkpoint), Path(args.input), Path(args.out), save_probs=args.save_probs,
-                     threshold=args.threshold, device=args.device)  # fmt: skip
+    result = predict(
+        Path(args.checkpoint),
+        Path(args.input),
+        Path(args.out),
+        save_probs=args.save_probs,
+        threshold=args.threshold,
+        device=args.device,
+    )
     print(f"{len(result['images'])} image(s) -> {args.out} (lesions.json); {len(result['errors'])} error(s)")
     return 1 if result["errors"] else 0
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.4f}"
-
-
-def _is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _setup_logging() -> None:
-    import logging
-    import os
-
-    # Only the main process talks; the others log warnings and errors.
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
-
-
-def _bench_cbam(args: argparse.Namespace) -> int:
-    from hpc_drseg.kernels.bench import PAPER_BATCH_SIZES, PAPER_SHAPES, benchmark_cbam, format_cbam_table, parse_shapes
-
-    rows = benchmark_cbam(
-        parse_shapes(args.shapes) if args.shapes else PAPER_SHAPES,
-        [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else PAPER_BATCH_SIZES,
-        args.dtype, not args.nchw, args.impls.split(","), iters=args.iters,
-        train_step=not args.no_train_step, train_image_px=args.image_px, train_steps=args.steps,
-        train_warmup=args.warmup, train_overrides=args.overrides,
-    )  # fmt: skip
-    print(format_cbam_table(rows))
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "data":
-        from hpc_drseg.data.bench import benchmark_data, format_table
-
-        workers = [int(w) for w in args.workers.split(",")]
-        rows = benchmark_data(args.shards, workers, args.seconds, image_px=args.image_px, preset=args.preset)
-        print(format_table(rows))
-        return 0
-    if args.what == "cbam":
-        return _bench_cbam(args)
-    if args.what == "train":
-        from hpc_drseg.train.bench import benchmark_train
-
-        _setup_logging()
-        benchmark_train(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
-        return 0
-    raise ValueError(f"unknown benchmark {args.what!r}")
-
-
-# -------------------------------------------------------------------------------------------------------- sweeps
-SWEEP_ACTIONS = ("run", "status", "collect")
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from hpc_drseg import sweep
-
-    words = list(args.overrides)
-    action = words.pop(0) if words and words[0] in SWEEP_ACTIONS else "run"
-    if action == "run":
-        if not args.config:
-            raise ValueError("drseg sweep run needs --config SWEEP.yaml (e.g. configs/sweep_loss_weights.yaml)")
-        _setup_logging()
-        result = sweep.run_sweep(args.config, words, executor=args.executor, sweep_dir=args.sweep_dir,
-                                 resume=args.resume, wait=args.wait)  # fmt: skip
-        print(sweep.format_run(result))
-        if result.get("summary"):
-            print(Path(result["summary"]).read_text(), end="")
-        elif result.get("submitted"):
-            print(f"follow it with: drseg sweep status {result['sweep_dir']}")
-        return 0
-    if len(words) != 1 or "=" in words[0]:
-        raise ValueError(f"usage: drseg sweep {action} SWEEP_DIR (got {words or 'no folder'})")
-    if action == "status":
-        rows = sweep.sweep_status(words[0])
-        print(json.dumps(rows, indent=2) if args.json else sweep.format_status(rows))
-        return 0
-    paths = sweep.collect_sweep(words[0], rank_by=args.rank_by)
-    print(paths["md"].read_text(), end="")
-    print("written: " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sweep",
-        help="grid/random sweeps × seeds as one submitit job array; status; summary",
-        description="drseg sweep [run] --config SWEEP.yaml [--executor slurm|local|debug] [key=value …] | "
-        "drseg sweep status SWEEP_DIR | drseg sweep collect SWEEP_DIR [--rank-by METRIC]",
-    )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="[run|status|collect] [SWEEP_DIR] [key=value]",
-        help="action (default run), the sweep folder (status, collect), sweep-spec overrides (run)",
-    )
-    p.add_argument("--config", "-c", help="sweep spec YAML (see configs/sweep_*.yaml)")
-    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="override executor.kind")
-    p.add_argument("--sweep-dir", default=None, help="output folder (default: sweep_dir of the spec, else sweeps/NAME)")
-    p.add_argument("--resume", action="store_true", help="rerun the failed / never-submitted trials of SWEEP_DIR")
-    p.add_argument("--wait", action="store_true", help="slurm: wait for the array to finish, then collect")
-    p.add_argument("--rank-by", default=None, help="collect: summary column to rank by (default: eval.rank_by)")
-    p.add_argument("--json", action="store_true", help="status: print JSON")
-    p.set_defaults(func=cmd_sweep)
-
-
-# ------------------------------------------------------------------------------------------------------- parsing
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML file of partial overrides (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="drseg", description="Diabetic-retinopathy lesion segmentation on GPU clusters.", epilog=EPILOG
-    )
-    parser.add_argument("--version", action="version", version=f"hpc_drseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("synth", help="write synthetic DDR-like data in the official layout")
-    p.add_argument("--out", required=True, help="output folder (gets lesion_segmentation/{train,valid,test}/…)")
-    for split, default in zip(SPLITS, (383, 149, 225)):
-        p.add_argument(f"--{split}", type=int, default=default, help=f"{split} images (default {default}, as DDR)")
-    p.add_argument("--size", type=int, default=1024, help="nominal image side in px; sides vary ±15%% (default 1024)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser("shard", help="convert a DDR tree (real or synthetic) into WebDataset shards")
-    p.add_argument("--ddr-root", required=True, help="folder holding lesion_segmentation/ (or that folder itself)")
-    p.add_argument("--out", required=True, help="shard folder to create (tars + manifest.json)")
-    p.add_argument("--image-px", type=int, default=512, help="training image side (default 512, the paper's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
-    p.add_argument("--allow-missing-masks", action="store_true", help="treat a missing mask file as all-zero")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument(
-        "--image-codec", default=IMAGE_CODECS[0], choices=IMAGE_CODECS,
-        help="training images as PNG (default, 2.4x smaller) or raw .npy (decode ~40x cheaper; for CPU-bound nodes)",
-    )  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_shard)
-
-    p = sub.add_parser("config", help="show, check or list configuration keys")
-    p.add_argument("action", choices=("show", "check", "keys"), help="show resolved YAML, check it, or list all keys")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_config)
-
-    p = sub.add_parser("info", help="parameters, training FLOPs and output shape of the configured model")
-    _add_config_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("train", help="train a model (resumes an existing run directory)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="score a run with the paper and standard protocols, then write its report")
-    p.add_argument(
-        "--run", "--run-dir", dest="run", required=True,
-        help="run directory made by drseg train (under torchrun use --run-dir: torchrun reads --run as --run-path)",
-    )  # fmt: skip
-    p.add_argument("--split", default="test", help="split to score (default test)")
-    p.add_argument("--protocol", default="both", choices=("paper", "standard", "both"), help="default both")
-    p.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"), help="default: best, else last")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the run's config (e.g. data.*)")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("report", help="Table I report of one run, or several runs side by side")
-    p.add_argument("runs", nargs="+", help="run directories (with eval_*.json from drseg eval)")
-    p.add_argument("--out", default=None, help="write the side-by-side table here (.md, and .csv beside it)")
-    p.add_argument("--split", default="test", help="split to compare (default test)")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("predict", help="overlays and per-lesion counts/areas for fundus images")
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "predict", cmd_predict, help="overlays and per-lesion counts/areas for fundus images")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (RUN/checkpoints/best.pt)")
     p.add_argument("--input", required=True, help="an image (JPEG/PNG/TIFF) or a folder of them")
     p.add_argument("--out", required=True, help="output folder (overlays, lesions.json)")
     p.add_argument("--save-probs", action="store_true", help="also write float16 probability maps (.npz)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("bench", help="benchmarks that print figures (data loading, …)")
-    p.add_argument("what", choices=("data", "train", "cbam"),
-                   help="data: loader samples/s; train: training step img/s; cbam: fused vs eager CBAM")  # fmt: skip
-    _add_config_args(p)
-    p.add_argument("--steps", type=int, default=20, help="timed training steps (train benchmark, default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (train benchmark, default 3)")
-    p.add_argument("--shapes", default=None, help="cbam: CxHxW list, e.g. 256x16x16,48x128x128 (default: paper's)")
-    p.add_argument("--batch-sizes", default=None, help="cbam: comma-separated batch sizes (default 4,16)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="cbam: input dtype")
-    p.add_argument("--nchw", action="store_true", help="cbam: NCHW instead of channels_last")
-    p.add_argument("--impls", default="eager,compile,triton", help="cbam: implementations to time")
-    p.add_argument("--iters", type=int, default=50, help="cbam: timed iterations per setting")
-    p.add_argument("--no-train-step", action="store_true", help="cbam: skip the full training-step comparison")
-    p.add_argument("--shards", default=None, help="shard folder (data benchmark)")
-    p.add_argument("--workers", default="1,2", help="comma-separated loader worker counts (default 1,2)")
-    p.add_argument("--seconds", type=float, default=10.0, help="measuring time per setting (default 10)")
-    p.add_argument("--image-px", type=int, default=512, help="data: augment-only side; cbam: train-step side")
-    p.add_argument("--preset", default="paper", choices=("paper", "light", "none"), help="augmentation preset")
-    p.set_defaults(func=cmd_bench)
-    _add_sweep_parser(sub)
+
+# ------------------------------------------------------------------------------------------------------ bench
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from hpc_drseg.data.bench import benchmark_data, format_table
+
+    workers = _int_list("--workers", args.workers)
+    rows = benchmark_data(args.shards, workers, args.seconds, image_px=args.image_px, preset=args.preset)
+    print(format_table(rows))
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from hpc_drseg.train.bench import benchmark_train
+
+    _setup_logging()
+    benchmark_train(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+    return 0
+
+
+def cmd_bench_cbam(args: argparse.Namespace) -> int:
+    from hpc_drseg.kernels.bench import PAPER_BATCH_SIZES, PAPER_SHAPES, benchmark_cbam, format_cbam_table, parse_shapes
+
+    rows = benchmark_cbam(
+        shapes=parse_shapes(args.shapes) if args.shapes else PAPER_SHAPES,
+        batch_sizes=_int_list("--batch-sizes", args.batch_sizes) if args.batch_sizes else PAPER_BATCH_SIZES,
+        dtype=args.dtype,
+        channels_last=not args.nchw,
+        impls=args.impls.split(","),
+        iters=args.iters,
+        train_step=not args.no_train_step,
+        train_image_px=args.image_px,
+        train_steps=args.steps,
+        train_warmup=args.warmup,
+        train_overrides=args.overrides,
+    )
+    print(format_cbam_table(rows))
+    return 0
+
+
+def _add_step_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print figures (data loading, training step, CBAM)")
+    kinds = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+    data = _command(kinds, "data", cmd_bench_data, help="augmented samples/s per loader worker count")
+    data.add_argument("--shards", default=None, help="shard folder (default: synthetic shards made on the fly)")
+    data.add_argument("--workers", default="1,2", help="comma-separated loader worker counts (default 1,2)")
+    data.add_argument("--seconds", type=float, default=10.0, help="measuring time per setting (default 10)")
+    data.add_argument("--image-px", type=int, default=512, help="side of the augment-only measurement (default 512)")
+    data.add_argument("--preset", default="paper", choices=AUGMENT_PRESETS, help="augmentation preset")
+
+    train = _command(kinds, "train", cmd_bench_train, help="training step img/s, TFLOP/s, peak memory")
+    _add_config_args(train)
+    _add_step_args(train)
+
+    cbam = _command(kinds, "cbam", cmd_bench_cbam, help="fused Triton CBAM vs eager and compiled, and a train step")
+    cbam.add_argument("--shapes", default=None, help="CxHxW list, e.g. 256x16x16,48x128x128 (default: paper's)")
+    cbam.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default 4,16)")
+    cbam.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="input dtype (default bf16)")
+    cbam.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
+    cbam.add_argument("--impls", default="eager,compile,triton", help="implementations to time")
+    cbam.add_argument("--iters", type=int, default=50, help="timed iterations per setting (default 50)")
+    cbam.add_argument("--no-train-step", action="store_true", help="skip the full training-step comparison")
+    cbam.add_argument("--image-px", type=int, default=512, help="side of the training-step comparison (default 512)")
+    _add_step_args(cbam)
+    cbam.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of the training step")
+
+
+# ------------------------------------------------------------------------------------------------------ sweeps
+def cmd_sweep_run(args: argparse.Namespace) -> int:
+    from hpc_drseg import sweep
+
+    if not args.config:
+        raise InputError("drseg sweep run needs --config SWEEP.yaml (e.g. configs/sweep_loss_weights.yaml)")
+    _setup_logging()
+    result = sweep.run_sweep(
+        args.config,
+        args.overrides,
+        executor=args.executor,
+        sweep_dir=args.sweep_dir,
+        resume=args.resume,
+        wait=args.wait,
+    )
+    print(sweep.format_run(result))
+    if result.get("summary"):
+        print(Path(result["summary"]).read_text(), end="")
+    elif result.get("submitted"):
+        print(f"follow it with: drseg sweep status {result['sweep_dir']}")
+    return 0
+
+
+def _sweep_dir(args: argparse.Namespace) -> str:
+    if not args.sweep_dir:
+        raise InputError(f"usage: drseg sweep {args.action} SWEEP_DIR (got no folder)")
+    return args.sweep_dir
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from hpc_drseg import sweep
+
+    rows = sweep.sweep_status(_sweep_dir(args))
+    print(json.dumps(rows, indent=2) if args.json else sweep.format_status(rows))
+    return 0
+
+
+def cmd_sweep_collect(args: argparse.Namespace) -> int:
+    from hpc_drseg import sweep
+
+    paths = sweep.collect_sweep(_sweep_dir(args), rank_by=args.rank_by)
+    print(paths["md"].read_text(), end="")
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="grid/random sweeps × seeds as one submitit job array; status; summary",
+        description="drseg sweep [run] --config SWEEP.yaml [key=value …] | drseg sweep status SWEEP_DIR | "
+        "drseg sweep collect SWEEP_DIR [--rank-by METRIC]",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = _command(actions, "run", cmd_sweep_run, help="validate every trial, write the sweep folder, submit")
+    run.add_argument("--config", "-c", help="sweep spec YAML (see configs/sweep_*.yaml)")
+    run.add_argument("--executor", choices=EXECUTOR_KINDS, help="override executor.kind")
+    run.add_argument(
+        "--sweep-dir", default=None, help="output folder (default: the spec's sweep_dir, else sweeps/NAME)"
+    )
+    run.add_argument("--resume", action="store_true", help="rerun the failed / never-submitted trials of the sweep")
+    run.add_argument("--wait", action="store_true", help="slurm: wait for the array to finish, then collect")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="sweep-spec overrides")
+
+    status = _command(actions, "status", cmd_sweep_status, help="per-trial state (PENDING/RUNNING/COMPLETED/FAILED)")
+    status.add_argument("sweep_dir", nargs="?", metavar="SWEEP_DIR", help="the sweep folder")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    collect = _command(actions, "collect", cmd_sweep_collect, help="summary.md/.csv (mean ± std over seeds), plots")
+    collect.add_argument("sweep_dir", nargs="?", metavar="SWEEP_DIR", help="the sweep folder")
+    collect.add_argument("--rank-by", default=None, help="summary column to rank by (default: eval.rank_by)")
+
+
+# ------------------------------------------------------------------------------------------------------- parsing
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drseg", description="Diabetic-retinopathy lesion segmentation on GPU clusters.", epilog=EPILOG
+    )
+    parser.add_argument("--version", action="version", version=f"hpc_drseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_synth, _add_shard, _add_config, _add_info, _add_train, _add_eval, _add_report, _add_predict):
+        add(sub)
+    _add_bench(sub)
+    _add_sweep(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+def _with_default_sweep_action(argv: list[str]) -> list[str]:
+    """`drseg sweep --config F` means `drseg sweep run --config F`, as the sweep command always allowed."""
+    if len(argv) >= 2 and argv[0] == "sweep" and argv[1] not in (*SWEEP_ACTIONS, "-h", "--help"):
+        return ["sweep", "run", *argv[1:]]
+    return argv
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = _with_default_sweep_action(list(sys.argv[1:] if argv is None else argv))
     # Overrides may come before or after options (`--config F a=1 --json b=2`); argparse stops collecting a
     # positional list at the first option, so the stragglers are picked up here.
     args, extra = parser.parse_known_args(argv)
@@ -345,10 +443,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    func: Callable[[argparse.Namespace], int] = args.func
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        return func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        return args.func(args)
+    except DrsegError as exc:
         print(f"drseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

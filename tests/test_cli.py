@@ -39,3 +39,30 @@ def test_config_show_applies_overrides(capsys):
 def test_config_keys_lists_documented_fields(capsys):
     assert main(["config", "keys"]) == 0
     assert "loss.weights.boundary" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from hpc_drseg import cli
+    from hpc_drseg.errors import InputError
+
+    def user_error(args):
+        raise InputError("data.shards: got 'x'; give a shard folder")
+
+    def bug(args):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(cli, "cmd_config_keys", user_error)
+    assert main(["config", "keys"]) == 2
+    assert capsys.readouterr().err == "drseg config: error: data.shards: got 'x'; give a shard folder\n"
+    monkeypatch.setattr(cli, "cmd_config_keys", bug)
+    with pytest.raises(KeyError, match="internal"):
+        main(["config", "keys"])
+
+
+def test_nested_commands_and_option_errors(capsys):
+    assert main(["bench", "data", "--workers", "a,b"]) == 2
+    assert "--workers: got 'a,b'" in capsys.readouterr().err
+    assert main(["sweep", "status"]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "gpu"])
+    assert info.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
