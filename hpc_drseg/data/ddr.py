@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hpc_drseg.constants import LESIONS, SPLITS
+from hpc_drseg.errors import InputError, MissingError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_SUFFIXES = (".tif", ".tiff", ".png")
@@ -51,11 +52,11 @@ def resolve_root(root: str | Path) -> Path:
     """Returns the `lesion_segmentation` folder, given it or the folder holding it."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"DDR root {root} does not exist; {EXPECTED_LAYOUT}")
+        raise MissingError(f"DDR root {root} does not exist; {EXPECTED_LAYOUT}")
     for candidate in (root / SUBSET_DIR, root):
         if any((candidate / split / "image").is_dir() for split in SPLITS):
             return candidate
-    raise FileNotFoundError(f"{root} is not a DDR tree (no {SUBSET_DIR}/<split>/image/ folder); {EXPECTED_LAYOUT}")
+    raise MissingError(f"{root} is not a DDR tree (no {SUBSET_DIR}/<split>/image/ folder); {EXPECTED_LAYOUT}")
 
 
 def available_splits(root: str | Path) -> list[str]:
@@ -70,7 +71,7 @@ def _files_by_id(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
         if not path.is_file() or path.suffix.lower() not in suffixes or path.name.startswith("."):
             continue
         if path.stem in found:
-            raise ValueError(f"{path} and {found[path.stem]} have the same id '{path.stem}'; keep only one of them")
+            raise InputError(f"{path} and {found[path.stem]} have the same id '{path.stem}'; keep only one of them")
         found[path.stem] = path
     return found
 
@@ -85,10 +86,10 @@ def find_samples(root: str | Path, split: str, allow_missing_masks: bool = False
     split_dir = resolve_root(root) / split
     image_dir, label_dir = split_dir / "image", split_dir / "label"
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"split '{split}': folder {image_dir} does not exist; {EXPECTED_LAYOUT}")
+        raise MissingError(f"split '{split}': folder {image_dir} does not exist; {EXPECTED_LAYOUT}")
     images = _files_by_id(image_dir, IMAGE_SUFFIXES)
     if not images:
-        raise ValueError(f"split '{split}' is empty: no {'/'.join(IMAGE_SUFFIXES)} file in {image_dir}")
+        raise InputError(f"split '{split}' is empty: no {'/'.join(IMAGE_SUFFIXES)} file in {image_dir}")
     masks_by_lesion = {lesion: _lesion_masks(label_dir / lesion, allow_missing_masks) for lesion in LESIONS}
     _check_masks_match(images, masks_by_lesion, label_dir, allow_missing_masks)
     return [
@@ -102,7 +103,7 @@ def _lesion_masks(folder: Path, allow_missing_masks: bool) -> dict[str, Path]:
         return _files_by_id(folder, MASK_SUFFIXES)
     if allow_missing_masks:
         return {}
-    raise FileNotFoundError(
+    raise MissingError(
         f"mask folder {folder} does not exist; {EXPECTED_LAYOUT} (or pass --allow-missing-masks to treat every "
         f"{folder.name} mask as empty)"
     )
@@ -113,7 +114,7 @@ def _check_masks_match(
 ) -> None:
     orphans = sorted(p for masks in masks_by_lesion.values() for sid, p in masks.items() if sid not in images)
     if orphans:
-        raise ValueError(
+        raise InputError(
             f"{len(orphans)} mask file(s) have no image in {label_dir.parent / 'image'}: {_listing(orphans)}; "
             "restore the image(s) or remove the mask(s)"
         )
@@ -124,7 +125,7 @@ def _check_masks_match(
         if sid not in masks
     ]
     if missing and not allow_missing:
-        raise FileNotFoundError(
+        raise MissingError(
             f"{len(missing)} mask file(s) missing (.tif or .png): {_listing(missing)}; every image needs one mask per "
             "lesion (an absent lesion is an all-zero mask). Restore them, or pass --allow-missing-masks "
             "(allow_missing_masks=True) to treat them as empty"
@@ -136,9 +137,26 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img.convert("RGB"))
+            return _rgb8(img)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image {path} is implausibly large ({exc}); is it really a fundus photograph?") from exc
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"image {path} is corrupt or unreadable ({exc}); replace it with an intact copy") from exc
+        raise InputError(f"image {path} is corrupt or unreadable ({exc}); replace it with an intact copy") from exc
+
+
+# PIL's modes of 16- and 32-bit grey images; convert("RGB") would clip them at 255 instead of scaling.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _rgb8(img: Image.Image) -> np.ndarray:
+    """RGB uint8 of any PIL image; 16-bit grey keeps its top 8 bits (as OpenCV reads such files in predict)."""
+    if img.mode not in _WIDE_GREY_MODES:
+        return np.asarray(img.convert("RGB"))
+    values = np.asarray(img).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise InputError(f"{img.mode} values outside 0..65535 cannot be scaled to 8 bit")
+    grey = (values >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def read_mask(path: Path) -> tuple[np.ndarray, bool]:
@@ -147,8 +165,8 @@ def read_mask(path: Path) -> tuple[np.ndarray, bool]:
         with Image.open(path) as img:
             img.load()
             values = np.asarray(img)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"mask {path} is corrupt or unreadable ({exc}); replace it with an intact copy") from exc
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"mask {path} is corrupt or unreadable ({exc}); replace it with an intact copy") from exc
     if values.ndim == 3:  # an RGB(A)-saved mask: lesion wherever any channel is on
         values = values.max(axis=2)
     lesion = values > 0
@@ -166,7 +184,7 @@ def read_sample(files: SampleFiles, allow_missing_masks: bool = False) -> DDRSam
         path = files.masks.get(lesion)
         if path is None:
             if not allow_missing_masks:
-                raise FileNotFoundError(
+                raise MissingError(
                     f"sample '{files.id}' ({files.image}) has no {lesion} mask; restore it or pass "
                     "--allow-missing-masks (allow_missing_masks=True) to treat it as empty"
                 )
@@ -174,7 +192,7 @@ def read_sample(files: SampleFiles, allow_missing_masks: bool = False) -> DDRSam
             continue
         mask, is_non_binary = read_mask(path)
         if mask.shape != (height, width):
-            raise ValueError(
+            raise InputError(
                 f"mask {path} is {mask.shape[1]}×{mask.shape[0]} but its image {files.image} is {width}×{height}; "
                 "masks must have the image's size (re-export the mask at the image's resolution)"
             )

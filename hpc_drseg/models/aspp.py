@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpc_drseg.errors import InputError
+
 
 def conv3x3_bn_relu(in_ch: int, out_ch: int, dilation: int = 1, separable: bool = False) -> nn.Sequential:
     """3×3 conv (dilated, 'same' padding) + BN + ReLU; separable = depthwise 3×3 then pointwise 1×1 (Xception style)."""
@@ -56,7 +58,7 @@ class ASPP(nn.Module):
     ):
         super().__init__()
         if len(rates) != 3 or any(r < 1 for r in rates):
-            raise ValueError(f"ASPP rates: got {list(rates)}; give three positive atrous rates, e.g. (6, 12, 18)")
+            raise InputError(f"ASPP rates: got {list(rates)}; give three positive atrous rates, e.g. (6, 12, 18)")
         self.branches = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))]
             + [conv3x3_bn_relu(in_ch, out_ch, rate, separable) for rate in rates]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from hpc_drseg.config.choices import CBAM_SITES
 from hpc_drseg.constants import LESIONS
+from hpc_drseg.errors import InputError
 from hpc_drseg.models.aspp import ASPP, conv3x3_bn_relu, upsample_to
 from hpc_drseg.models.backbone import BackboneName, build_backbone, check_divisible
 from hpc_drseg.models.cbam import CBAM, CBAMImpl
@@ -91,7 +92,7 @@ class DeepLabV3Plus(nn.Module):
         super().__init__()
         bad = [s for s in cbam_sites if s not in CBAM_SITES]
         if bad:
-            raise ValueError(f"cbam_sites: got {list(cbam_sites)}; each must be one of {list(CBAM_SITES)}")
+            raise InputError(f"cbam_sites: got {list(cbam_sites)}; each must be one of {list(CBAM_SITES)}")
         self.output_stride = output_stride
         self.cbam_sites = tuple(cbam_sites)
         self.backbone = build_backbone(backbone, output_stride, pretrained_path)

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hpc_drseg.config import ModelConfig
 from hpc_drseg.config.choices import MODEL_NAMES
 from hpc_drseg.constants import LESIONS
+from hpc_drseg.errors import InputError
 from hpc_drseg.models.backbone import check_divisible
 from hpc_drseg.models.cbam import active_impl
 from hpc_drseg.models.deeplab import DeepLabV3Plus
@@ -38,7 +39,7 @@ def _build(cfg: ModelConfig, cbam_impl: str, load_weights: bool) -> nn.Module:
             )
         return UNet(cfg.unet_base_width, cfg.unet_bilinear)
     if cfg.name not in MODEL_NAMES:
-        raise ValueError(f"model.name: got {cfg.name!r}; choose one of {list(MODEL_NAMES)}")
+        raise InputError(f"model.name: got {cfg.name!r}; choose one of {list(MODEL_NAMES)}")
     return DeepLabV3Plus(
         backbone=cfg.backbone,
         pretrained_path=cfg.pretrained_path if load_weights else None,

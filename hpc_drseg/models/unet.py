@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from hpc_drseg.config.schema import UNET_INPUT_MULTIPLE
 from hpc_drseg.constants import LESIONS
+from hpc_drseg.errors import InputError
 from hpc_drseg.models.backbone import check_divisible
 
 
@@ -73,7 +74,7 @@ class UNet(nn.Module):
     def __init__(self, base_width: int = 32, bilinear: bool = True):
         super().__init__()
         if base_width < 2:
-            raise ValueError(f"U-Net base_width: got {base_width}; it must be >= 2 (paper: 32)")
+            raise InputError(f"U-Net base_width: got {base_width}; it must be >= 2 (paper: 32)")
         w = base_width
         factor = 2 if bilinear else 1
         self.inc = DoubleConv(3, w)  # (B, w, H, W)
