@@ -1,6 +1,6 @@
 """`drseg bench cbam`: one CBAM block (Woo et al. 2018, as in Attention-DeepLab) timed for eager, torch.compile and the
 fused Triton kernel at the paper's shapes — forward and forward+backward, achieved GB/s against a device-to-device copy
-of the same run — and the Attention-DeepLab training step in img/s with CBAM impl=eager vs impl=triton (issue 6).
+of the same run — and the Attention-DeepLab training step in img/s with CBAM impl=eager vs impl=triton.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from hpc_drseg.config import load_config
 from hpc_drseg.constants import LESIONS
+from hpc_drseg.errors import InputError
 from hpc_drseg.losses import build_loss
 from hpc_drseg.models import CBAM, build_model
 from hpc_drseg.models.cbam import IMPLS, active_impl, cbam_eager, cbam_forward, triton_unavailable_reason
@@ -35,7 +36,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--shapes: got {item!r}; write C×H×W triples like 256x16x16,48x128x128")
+            raise InputError(f"--shapes: got {item!r}; write C×H×W triples like 256x16x16,48x128x128")
         shapes.append((int(parts[0]), int(parts[1]), int(parts[2])))
     return shapes
 
@@ -63,7 +64,7 @@ def benchmark_cbam(
 
     CUDA: CUDA events around each call after `warmup` calls, median of `iters`, inputs rotated among `input_sets`
     random sets. CPU (no CUDA): the same with a host clock, for eager and compile only — "triton" rows are marked
-    skipped (the CPU interpreter is for tests), so the figures say nothing about the GPU goals of issue 6.
+    skipped (the CPU interpreter is for tests), so the figures say nothing about GPU speed.
     The training step (median of `train_steps` after `train_warmup`): Attention-DeepLab from load_config(None,
     [model.cbam.impl=…, data.image_px=…, *train_overrides]), a random batch, Adam, bf16 autocast, channels_last, the
     configured loss.
@@ -71,7 +72,7 @@ def benchmark_cbam(
     dev, dtype = _resolve_device(device), _resolve_dtype(dtype)
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
-        raise ValueError(f"bench cbam: unknown impls {unknown}; choose from {list(IMPLS)}")
+        raise InputError(f"bench cbam: unknown impls {unknown}; choose from {list(IMPLS)}")
     if dev.type != "cuda":
         log("bench cbam: no CUDA device — host-clock timings on CPU, impl=triton skipped; not the GPU figures")
     copy = _copy_row(dev, warmup, iters)
@@ -80,10 +81,30 @@ def benchmark_cbam(
     for channels, height, width in shapes:
         for batch in batch_sizes:
             shape = (batch, channels, height, width)
-            rows += _cbam_rows(shape, dtype, channels_last, impls, dev, copy["gbps"], warmup, iters, input_sets, log)
+            rows += _cbam_rows(
+                shape=shape,
+                dtype=dtype,
+                channels_last=channels_last,
+                impls=impls,
+                device=dev,
+                copy_gbps=copy["gbps"],
+                warmup=warmup,
+                iters=iters,
+                sets=input_sets,
+                log=log,
+            )
     if train_step:
         for impl in [i for i in ("eager", "triton") if i in impls]:
-            rows.append(_train_row(impl, train_batch, train_image_px, train_overrides, dev, train_warmup, train_steps))
+            row = _train_row(
+                impl=impl,
+                batch=train_batch,
+                image_px=train_image_px,
+                overrides=train_overrides,
+                device=dev,
+                warmup=train_warmup,
+                steps=train_steps,
+            )
+            rows.append(row)
             log(_describe_train(rows[-1]))
     return rows
 
@@ -93,7 +114,7 @@ def _resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"bench cbam: device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
+        raise InputError(f"bench cbam: device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
     return dev
 
 
@@ -101,7 +122,7 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"bench cbam: dtype {dtype!r}; choose one of {list(DTYPES)}")
+        raise InputError(f"bench cbam: dtype {dtype!r}; choose one of {list(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -141,7 +162,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _inputs(
-    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, device: torch.device, sets: int
+    shape: tuple[int, ...], *, dtype: torch.dtype, channels_last: bool, device: torch.device, sets: int
 ) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
     """`sets` pairs (x, upstream gradient) of fresh random data and the fp32 weights of one CBAM (as in training)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -161,15 +182,32 @@ def _impl_fn(impl: str) -> Callable[..., Tensor]:
 
 
 def _cbam_rows(
-    shape: tuple[int, int, int, int], dtype: torch.dtype, channels_last: bool, impls: Sequence[str],
-    device: torch.device, copy_gbps: float, warmup: int, iters: int, sets: int, log: Callable[[str], None],
-) -> list[dict[str, Any]]:  # fmt: skip
-    pairs, weights = _inputs(shape, dtype, channels_last, device, sets)
+    *,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    channels_last: bool,
+    impls: Sequence[str],
+    device: torch.device,
+    copy_gbps: float,
+    warmup: int,
+    iters: int,
+    sets: int,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    pairs, weights = _inputs(shape, dtype=dtype, channels_last=channels_last, device=device, sets=sets)
     nbytes = pairs[0][0].numel() * pairs[0][0].element_size()
     rows, eager_ms = [], None
     for impl in impls:
-        row = {"kind": "cbam", "impl": impl, "batch": shape[0], "shape": shape[1:], "dtype": str(dtype).split(".")[-1],
-               "channels_last": channels_last, "device": _device_name(device), "note": ""}  # fmt: skip
+        row = {
+            "kind": "cbam",
+            "impl": impl,
+            "batch": shape[0],
+            "shape": shape[1:],
+            "dtype": str(dtype).split(".")[-1],
+            "channels_last": channels_last,
+            "device": _device_name(device),
+            "note": "",
+        }
         skip = _skip_reason(impl, pairs[0][0])
         if skip is not None:
             rows.append({**row, "note": f"skipped: {skip}"})
@@ -187,8 +225,12 @@ def _cbam_rows(
         fwd_ms = _median_ms(forward, warmup, iters, device)
         fwd_bwd_ms = _median_ms(forward_backward, warmup, iters, device)
         eager_ms = fwd_bwd_ms if impl == "eager" else eager_ms
-        row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, fwd_gbps=FWD_PASSES * nbytes / fwd_ms / 1e6,
-                   fwd_bwd_gbps=FWD_BWD_PASSES * nbytes / fwd_bwd_ms / 1e6)  # fmt: skip
+        row.update(
+            fwd_ms=fwd_ms,
+            fwd_bwd_ms=fwd_bwd_ms,
+            fwd_gbps=FWD_PASSES * nbytes / fwd_ms / 1e6,
+            fwd_bwd_gbps=FWD_BWD_PASSES * nbytes / fwd_bwd_ms / 1e6,
+        )
         row["fwd_bwd_of_copy"] = row["fwd_bwd_gbps"] / copy_gbps
         row["speedup_vs_eager"] = eager_ms / fwd_bwd_ms if eager_ms else None
         rows.append(row)
@@ -205,10 +247,17 @@ def _skip_reason(impl: str, x: Tensor) -> str | None:
 
 
 def _train_row(
-    impl: str, batch: int, image_px: int, overrides: Sequence[str], device: torch.device, warmup: int, steps: int
+    *, impl: str, batch: int, image_px: int, overrides: Sequence[str], device: torch.device, warmup: int, steps: int
 ) -> dict[str, Any]:
-    row = {"kind": "train_step", "impl": impl, "batch": batch, "image_px": image_px, "device": _device_name(device),
-           "overrides": list(overrides), "note": ""}  # fmt: skip
+    row = {
+        "kind": "train_step",
+        "impl": impl,
+        "batch": batch,
+        "image_px": image_px,
+        "device": _device_name(device),
+        "overrides": list(overrides),
+        "note": "",
+    }
     probe = torch.empty(1, device=device)
     skip = _skip_reason(impl, probe)
     if skip is not None:
@@ -231,8 +280,8 @@ def _train_row(
         optimizer.zero_grad(set_to_none=True)
 
     ms = _median_ms(step, warmup, steps, device)
-    return {**row, "step_ms": ms, "img_per_s": batch / ms * 1e3, "model": f"{cfg.model.name} {cfg.model.backbone} "
-            f"OS{cfg.model.output_stride}"}  # fmt: skip
+    model_name = f"{cfg.model.name} {cfg.model.backbone} OS{cfg.model.output_stride}"
+    return {**row, "step_ms": ms, "img_per_s": batch / ms * 1e3, "model": model_name}
 
 
 def _describe_config(row: dict[str, Any]) -> str:
@@ -256,8 +305,8 @@ def format_cbam_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         if row["kind"] == "copy":
-            lines += [f"Device: {row['device']}; device-to-device copy {row['gbps']:.1f} GB/s "
-                      f"({row['bytes'] / 2**20:.0f} MiB read + written)", ""]  # fmt: skip
+            copy = f"device-to-device copy {row['gbps']:.1f} GB/s ({row['bytes'] / 2**20:.0f} MiB read + written)"
+            lines += [f"Device: {row['device']}; {copy}", ""]
     header = "| batch | C×H×W | dtype | layout | impl | fwd ms | fwd+bwd ms | fwd+bwd GB/s | of copy | vs eager | note"
     lines += [header + " |", "|---:|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for row in (r for r in rows if r["kind"] == "cbam"):

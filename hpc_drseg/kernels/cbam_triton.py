@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hpc_drseg.errors import InputError
+
 # Passes over x (B, C, H, W); everything else is fp32 and tiny: `chan` (4, B, C) = [avg_HW, max_HW, count of the
 # HW max, channel gate], `plane` (B, 4, H, W) = [mean_C x1, max_C x1, count of the C max, spatial gate].
 #   forward   F1 pool_hw: partial sum/max/count over HW chunks -> (torch: merge, MLP, sigmoid) -> chan
@@ -36,9 +38,20 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _pool_hw_kernel(
-    x_ptr, sum_ptr, max_ptr, count_ptr, C, HW, chunk, splits, stride_b, stride_c, stride_hw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    sum_ptr,
+    max_ptr,
+    count_ptr,
+    C,
+    HW,
+    chunk,
+    splits,
+    stride_b,
+    stride_c,
+    stride_hw,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """F1, grid (B, C blocks, HW splits): per (b, c), sum, max and count of the max over one chunk of pixels."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -66,8 +79,17 @@ def _pool_hw_kernel(
 
 @triton.jit
 def _channel_stats_kernel(
-    x_ptr, cg_ptr, plane_ptr, C, HW, stride_b, stride_c, stride_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    cg_ptr,
+    plane_ptr,
+    C,
+    HW,
+    stride_b,
+    stride_c,
+    stride_hw,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """F2, grid (HW blocks, B): plane[b, 0:3, pixels] = mean_C, max_C and count of the max of x1 = x·cg."""
     b = tl.program_id(1)
     hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -94,9 +116,23 @@ def _channel_stats_kernel(
 
 @triton.jit
 def _spatial_gate_kernel(
-    x_ptr, cg_ptr, plane_ptr, w_ptr, out_ptr, C, H, W, c_chunk, stride_b, stride_c, stride_hw,
-    K: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    cg_ptr,
+    plane_ptr,
+    w_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    c_chunk,
+    stride_b,
+    stride_c,
+    stride_hw,
+    K: tl.constexpr,
+    TAPS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """F3, grid (HW blocks, B, C chunks): sg = sigmoid(conv_K×K(plane[0:2])) -> plane[3]; out = x·cg·sg."""
     b = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -131,9 +167,19 @@ def _spatial_gate_kernel(
 
 @triton.jit
 def _spatial_grad_kernel(
-    g_ptr, x_ptr, cg_ptr, plane_ptr, dz_ptr, C, HW, stride_b, stride_c, stride_hw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):  # fmt: skip
+    g_ptr,
+    x_ptr,
+    cg_ptr,
+    plane_ptr,
+    dz_ptr,
+    C,
+    HW,
+    stride_b,
+    stride_c,
+    stride_hw,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """B1, grid (HW blocks, B): dz = dL/d(conv output) = Σ_C(g·x1) · sg·(1 − sg)."""
     b = tl.program_id(1)
     hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -153,10 +199,26 @@ def _spatial_grad_kernel(
 
 @triton.jit
 def _channel_grad_kernel(
-    g_ptr, x_ptr, cg_ptr, plane_ptr, dz_ptr, w_ptr, route_ptr, dcg_ptr, dws_ptr, C, H, W,
-    stride_b, stride_c, stride_hw,
-    K: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):  # fmt: skip
+    g_ptr,
+    x_ptr,
+    cg_ptr,
+    plane_ptr,
+    dz_ptr,
+    w_ptr,
+    route_ptr,
+    dcg_ptr,
+    dws_ptr,
+    C,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_hw,
+    K: tl.constexpr,
+    TAPS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """B2, grid (HW blocks, B): per program, its share of dW_spatial and of dcg = Σ_HW dx1·x, plus the per-pixel
     gradient reaching x1 through the [mean, max] map: route[b, 0] = ds_mean / C, route[b, 1] = ds_max / count."""
     b = tl.program_id(1)
@@ -202,9 +264,24 @@ def _channel_grad_kernel(
 
 @triton.jit
 def _input_grad_kernel(
-    g_ptr, x_ptr, cg_ptr, hw_max_ptr, coef_avg_ptr, coef_max_ptr, plane_ptr, route_ptr, dx_ptr, C, HW, c_chunk,
-    stride_b, stride_c, stride_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):  # fmt: skip
+    g_ptr,
+    x_ptr,
+    cg_ptr,
+    hw_max_ptr,
+    coef_avg_ptr,
+    coef_max_ptr,
+    plane_ptr,
+    route_ptr,
+    dx_ptr,
+    C,
+    HW,
+    c_chunk,
+    stride_b,
+    stride_c,
+    stride_hw,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """B4, grid (HW blocks, B, C chunks): dx = dx1·cg + coef_avg + coef_max·[x = max_HW x], x1 recomputed."""
     b = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -319,16 +396,17 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _strides(channels: int, hw: int, fmt: torch.memory_format) -> tuple[int, int, int]:
-    """(batch, channel, pixel) strides of a dense tensor; H and W merge into one pixel index in both formats."""
+def _strides(channels: int, hw: int, fmt: torch.memory_format) -> dict[str, int]:
+    """Batch, channel and pixel strides of a dense tensor, as kernel arguments; H and W merge into one pixel index in
+    both formats."""
     if fmt == torch.channels_last:
-        return channels * hw, 1, channels
-    return channels * hw, hw, 1
+        return {"stride_b": channels * hw, "stride_c": 1, "stride_hw": channels}
+    return {"stride_b": channels * hw, "stride_c": hw, "stride_hw": 1}
 
 
 def _check_inputs(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> None:
     if x.dim() != 4 or x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"fused CBAM: got x of shape {tuple(x.shape)} and dtype {x.dtype}; it needs a 4-D (B, C, H, W) tensor in "
             "float32, bfloat16 or float16 (use impl='eager' for other dtypes)"
         )
@@ -337,12 +415,12 @@ def _check_inputs(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) ->
     expected = {"w_fc1": (hidden, channels, 1, 1), "w_fc2": (channels, hidden, 1, 1), "w_spatial": (1, 2, k, k)}
     for name, weight in (("w_fc1", w_fc1), ("w_fc2", w_fc2), ("w_spatial", w_spatial)):
         if tuple(weight.shape) != expected[name] or weight.device != x.device:
-            raise ValueError(
+            raise InputError(
                 f"fused CBAM: {name} has shape {tuple(weight.shape)} on {weight.device}; expected {expected[name]} on "
                 f"{x.device} for x of shape {tuple(x.shape)}"
             )
     if k % 2 == 0 or hw == 0 or x.numel() >= 2**31:
-        raise ValueError(
+        raise InputError(
             f"fused CBAM: got kernel size {k}, H·W = {hw}, {x.numel()} elements; it needs an odd kernel size, "
             "a non-empty map and fewer than 2**31 elements (32-bit indexing)"
         )
@@ -380,14 +458,36 @@ def _forward(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> tupl
     strides = _strides(channels, hw, fmt)
     blocks = {"BLOCK_C": cfg.block_c, "BLOCK_HW": cfg.block_hw}
     partial = torch.empty(3, batch, channels, grid_pool[2], **f32)
-    _pool_hw_kernel[grid_pool](x, *partial, channels, hw, cfg.pool_chunk, grid_pool[2], *strides, **blocks)
+    _pool_hw_kernel[grid_pool](
+        x_ptr=x,
+        sum_ptr=partial[0],
+        max_ptr=partial[1],
+        count_ptr=partial[2],
+        C=channels,
+        HW=hw,
+        chunk=cfg.pool_chunk,
+        splits=grid_pool[2],
+        **strides,
+        **blocks,
+    )
     with _autocast_off(x.device):
         chan = _channel_gate(partial, hw, w_fc1, w_fc2)
-    _channel_stats_kernel[grid_pixels](x, chan[3], plane, channels, hw, *strides, **blocks)
+    _channel_stats_kernel[grid_pixels](x_ptr=x, cg_ptr=chan[3], plane_ptr=plane, C=channels, HW=hw, **strides, **blocks)
     w32 = w_spatial.detach().float().contiguous()
     taps = {"K": k, "TAPS": triton.next_power_of_2(k * k)}
     _spatial_gate_kernel[grid_chunks](
-        x, chan[3], plane, w32, out, channels, height, width, cfg.c_chunk, *strides, **taps, **blocks
+        x_ptr=x,
+        cg_ptr=chan[3],
+        plane_ptr=plane,
+        w_ptr=w32,
+        out_ptr=out,
+        C=channels,
+        H=height,
+        W=width,
+        c_chunk=cfg.c_chunk,
+        **strides,
+        **taps,
+        **blocks,
     )
     return out, chan, plane
 
@@ -424,20 +524,48 @@ def _backward(
     blocks = {"BLOCK_C": cfg.block_c, "BLOCK_HW": cfg.block_hw}
     taps = {"K": k, "TAPS": triton.next_power_of_2(k * k)}
     dz = torch.empty(batch, height, width, **f32)
-    _spatial_grad_kernel[grid_pixels](grad, x, chan[3], plane, dz, channels, hw, *strides, **blocks)
+    _spatial_grad_kernel[grid_pixels](
+        g_ptr=grad, x_ptr=x, cg_ptr=chan[3], plane_ptr=plane, dz_ptr=dz, C=channels, HW=hw, **strides, **blocks
+    )
     route = torch.empty(batch, 2, height, width, **f32)
     dcg_part = torch.empty(batch, grid_pixels[0], channels, **f32)
     dws_part = torch.empty(batch * grid_pixels[0], 2, k, k, **f32)
     w32 = w_spatial.detach().float().contiguous()
     _channel_grad_kernel[grid_pixels](
-        grad, x, chan[3], plane, dz, w32, route, dcg_part, dws_part, channels, height, width, *strides, **taps, **blocks
+        g_ptr=grad,
+        x_ptr=x,
+        cg_ptr=chan[3],
+        plane_ptr=plane,
+        dz_ptr=dz,
+        w_ptr=w32,
+        route_ptr=route,
+        dcg_ptr=dcg_part,
+        dws_ptr=dws_part,
+        C=channels,
+        H=height,
+        W=width,
+        **strides,
+        **taps,
+        **blocks,
     )
     with _autocast_off(x.device):
         d_w1, d_w2, coef_avg, coef_max = _mlp_backward(dcg_part.sum(1), chan, w_fc1, w_fc2, hw)
     _input_grad_kernel[grid_chunks](
-        grad, x, chan[3], chan[1], coef_avg.contiguous(), coef_max.contiguous(), plane, route, dx,
-        channels, hw, cfg.c_chunk, *strides, **blocks,
-    )  # fmt: skip
+        g_ptr=grad,
+        x_ptr=x,
+        cg_ptr=chan[3],
+        hw_max_ptr=chan[1],
+        coef_avg_ptr=coef_avg.contiguous(),
+        coef_max_ptr=coef_max.contiguous(),
+        plane_ptr=plane,
+        route_ptr=route,
+        dx_ptr=dx,
+        C=channels,
+        HW=hw,
+        c_chunk=cfg.c_chunk,
+        **strides,
+        **blocks,
+    )
     d_ws = dws_part.sum(0, keepdim=True)
     return dx, d_w1.view_as(w_fc1).to(w_fc1.dtype), d_w2.view_as(w_fc2).to(w_fc2.dtype), d_ws.to(w_spatial.dtype)
 
@@ -460,8 +588,10 @@ def _cbam_fused_fake(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor)
     _check_inputs(x, w_fc1, w_fc2, w_spatial)
     batch, channels, height, width = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-    return out, x.new_empty((4, batch, channels), dtype=torch.float32), x.new_empty(
-        (batch, 4, height, width), dtype=torch.float32
+    return (
+        out,
+        x.new_empty((4, batch, channels), dtype=torch.float32),
+        x.new_empty((batch, 4, height, width), dtype=torch.float32),
     )
 
 

@@ -1,4 +1,4 @@
-"""Fused Triton CBAM (hpc_drseg.kernels.cbam_triton, issue 6) against the eager reference of models/cbam.py run in
+"""Fused Triton CBAM (hpc_drseg.kernels.cbam_triton) against the eager reference of models/cbam.py run in
 float64: forward and all four gradients, fp32 tight and bf16/fp16 loose, NCHW and channels_last, ragged blocks, max
 ties, custom-op checks (opcheck, fake tensors, torch.compile), the CBAM module hook; and the benchmark's CPU path.
 
@@ -52,16 +52,27 @@ CASES: dict[str, dict[str, Any]] = {
     "bf16_channels_last": {**RAGGED, "dtype": "bfloat16", "channels_last": True},
     "fp16_channels_last": {**RAGGED, "dtype": "float16", "channels_last": True},
     "ties_fp32": {"channels": 32, "shape": (2, 6, 7), "ties": True},
-    "ties_bf16_channels_last": {"channels": 32, "shape": (2, 6, 7), "ties": True, "dtype": "bfloat16",
-                                "channels_last": True},
-}  # fmt: skip
+    "ties_bf16_channels_last": {
+        "channels": 32,
+        "shape": (2, 6, 7),
+        "ties": True,
+        "dtype": "bfloat16",
+        "channels_last": True,
+    },
+}
 
 
 # ---------------------------------------------------------------------------------- checks (subprocess or GPU)
 def make_case(
-    channels: int, shape: tuple[int, int, int], k: int = 7, dtype: str = "float32", channels_last: bool = False,
-    ties: bool = False, device: str = "cpu", seed: int = 0,
-) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+    channels: int,
+    shape: tuple[int, int, int],
+    k: int = 7,
+    dtype: str = "float32",
+    channels_last: bool = False,
+    ties: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """[x, w_fc1, w_fc2, w_spatial] and an upstream gradient, random (with planted exact ties if `ties`)."""
     gen = torch.Generator().manual_seed(seed)
     b, h, w = shape
@@ -115,8 +126,14 @@ def launch_shape(x: torch.Tensor) -> dict[str, int]:
     b, c, h, w = x.shape
     cfg = cbam_triton.launch_config(b, c, h * w, cbam_triton._target_programs(x.device))
     pool, pixels, chunks = cfg.grids(b, c, h * w)
-    return {"block_c": cfg.block_c, "block_hw": cfg.block_hw, "c_blocks": pool[1], "hw_blocks": pixels[0],
-            "pool_splits": pool[2], "c_chunks": chunks[2]}  # fmt: skip
+    return {
+        "block_c": cfg.block_c,
+        "block_hw": cfg.block_hw,
+        "c_blocks": pool[1],
+        "hw_blocks": pixels[0],
+        "pool_splits": pool[2],
+        "c_chunks": chunks[2],
+    }
 
 
 def check_case(spec: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
@@ -333,13 +350,30 @@ def test_interpreter_set_too_late_falls_back_with_warning(monkeypatch):
 # ------------------------------------------------------------------------------------------------------ benchmark
 def test_benchmark_cpu_path_times_eager_and_skips_triton():
     rows = bench.benchmark_cbam(
-        [(8, 6, 6)], [2], "fp32", False, ("eager", "triton"), warmup=1, iters=2, input_sets=2, train_batch=2,
-        train_image_px=32, train_steps=1, train_warmup=0, train_overrides=["model.backbone=resnet18"], device="cpu",
+        shapes=[(8, 6, 6)],
+        batch_sizes=[2],
+        dtype="fp32",
+        channels_last=False,
+        impls=("eager", "triton"),
+        warmup=1,
+        iters=2,
+        input_sets=2,
+        train_batch=2,
+        train_image_px=32,
+        train_steps=1,
+        train_warmup=0,
+        train_overrides=["model.backbone=resnet18"],
+        device="cpu",
         log=lambda _: None,
-    )  # fmt: skip
+    )
     kinds = [(row["kind"], row.get("impl")) for row in rows]
-    assert kinds == [("copy", None), ("cbam", "eager"), ("cbam", "triton"), ("train_step", "eager"),
-                     ("train_step", "triton")]  # fmt: skip
+    assert kinds == [
+        ("copy", None),
+        ("cbam", "eager"),
+        ("cbam", "triton"),
+        ("train_step", "eager"),
+        ("train_step", "triton"),
+    ]
     copy, eager, fused, train_eager, train_fused = rows
     assert copy["gbps"] > 0 and eager["fwd_ms"] > 0 and eager["fwd_bwd_ms"] > 0
     # 5 passes over x (2·8·6·6 fp32 = 2304 bytes) over the measured time
