@@ -18,7 +18,7 @@ from hpc_drseg.constants import LESION_COLOURS, LESION_NAMES, LESIONS
 
 MODEL_LABELS = {"attention_deeplab": "Attention-DeepLab", "deeplabv3plus": "DeepLab-V3+", "unet": "U-Net"}
 
-# SPEC.md: paper Table I, test set, paper protocol. AP / IoU in LESIONS order (MA, EX, SE, HE).
+# Jithesh et al., Table I: test set, paper protocol (docs/method.md). AP / IoU in LESIONS order (MA, EX, SE, HE).
 _PAPER_ROWS = {
     "deeplabv3plus": ((0.0205, 0.5634, 0.4359, 0.1842), 0.3010, (0.0325, 0.3118, 0.2295, 0.1425), 0.1791),
     "unet": ((0.0476, 0.3578, 0.1725, 0.3784), 0.2391, (0.0472, 0.2790, 0.1214, 0.2550), 0.1757),
@@ -216,10 +216,8 @@ def plot_pr_curves(evals: dict[str, dict[str, Any]], path: Path) -> Optional[Pat
     for ax, lesion in zip(axes, LESIONS):
         for i, split in enumerate(splits):
             curve = evals[split]["pr_curves"].get(lesion) or {}
-            points = [
-                (r, p) for r, p in zip(curve.get("recall", []), curve.get("precision", []))
-                if not (_is_missing(r) or _is_missing(p))
-            ]  # fmt: skip
+            pairs = zip(curve.get("recall", []), curve.get("precision", []))
+            points = [(r, p) for r, p in pairs if not (_is_missing(r) or _is_missing(p))]
             ap = _lookup(evals[split]["protocols"].get("standard"), "AP", lesion)
             if points:
                 recall, precision = zip(*points)
@@ -258,15 +256,25 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Optiona
     for lesion in LESIONS:
         for metric, style in (("AP", "-"), ("IoU", "--")):
             if f"val/{metric}_{lesion}" in columns:
-                lesions.plot(epochs, series(f"val/{metric}_{lesion}"), style, marker=".", color=_colour(lesion),
-                             label=f"{metric} {lesion}")  # fmt: skip
+                lesions.plot(
+                    epochs,
+                    series(f"val/{metric}_{lesion}"),
+                    style,
+                    marker=".",
+                    color=_colour(lesion),
+                    label=f"{metric} {lesion}",
+                )
     if "lr" in columns:
         rates = series("lr")
         lr.plot(epochs, rates, marker=".", color="black", label="lr")
         if all(r > 0 for r in rates if math.isfinite(r)) and any(math.isfinite(r) for r in rates):
             lr.set_yscale("log")
-    titles = ("training loss terms (epoch means) and val/loss", "validation means (standard protocol; paper_*)",
-              "validation per lesion (AP solid, IoU dashed)", "learning rate")  # fmt: skip
+    titles = (
+        "training loss terms (epoch means) and val/loss",
+        "validation means (standard protocol; paper_*)",
+        "validation per lesion (AP solid, IoU dashed)",
+        "learning rate",
+    )
     from matplotlib.ticker import MaxNLocator
 
     for ax, title in zip(axes.flat, titles):
@@ -286,12 +294,12 @@ def write_run_report(run_dir: Path) -> Path:
     name, model = run_identity(run_dir)
     history = read_metrics_csv(run_dir)
     blocks = run_blocks(evals, model)
+    pr_curves = plot_pr_curves(evals, run_dir / PLOTS_DIR / "pr_curves.png")
+    training_curves = plot_training_curves(history, run_dir / PLOTS_DIR / "training_curves.png")
     plots = {  # title: (file or None, why it is missing)
-        "precision-recall curves": (plot_pr_curves(evals, run_dir / PLOTS_DIR / "pr_curves.png"),
-                                    "no pr_curves in eval json: the standard protocol was not run"),
-        "training curves": (plot_training_curves(history, run_dir / PLOTS_DIR / "training_curves.png"),
-                            "no metrics.csv"),
-    }  # fmt: skip
+        "precision-recall curves": (pr_curves, "no pr_curves in eval json: the standard protocol was not run"),
+        "training curves": (training_curves, "no metrics.csv"),
+    }
     sections = [
         _header_markdown(run_dir, name, model, evals),
         *(_protocol_markdown(protocol, columns, bold_best_of=0) for protocol, columns in blocks.items()),

@@ -45,16 +45,30 @@ def eval_json(scale: float = 1.0) -> dict:
         precision = [0.01 + (0.9 - 0.1 * i) * t for t in thresholds]
         curves[lesion] = {"precision": precision, "recall": recall}
     return {
-        "run": "x", "checkpoint": "x/checkpoints/best.pt", "epoch": 7, "split": "test", "processes": 1,
-        "protocols": {"paper": paper, "standard": standard}, "pr_curves": curves,
-    }  # fmt: skip
+        "run": "x",
+        "checkpoint": "x/checkpoints/best.pt",
+        "epoch": 7,
+        "split": "test",
+        "processes": 1,
+        "protocols": {"paper": paper, "standard": standard},
+        "pr_curves": curves,
+    }
 
 
 def metrics_csv(epochs: int = 3) -> str:
     terms = ("dice", "bce", "focal", "boundary", "total")
-    header = ["epoch", "step", "lr", *(f"train/{t}" for t in terms), "val/loss", "val/mAP", "val/mIoU", "val/mDice",
-              "val/mAUPR11", "val/paper_mAP", "val/paper_mIoU", *(f"val/AP_{x}" for x in LESIONS),
-              *(f"val/IoU_{x}" for x in LESIONS), "epoch_time_s", "img_per_s"]  # fmt: skip
+    validation = ["val/loss", "val/mAP", "val/mIoU", "val/mDice", "val/mAUPR11", "val/paper_mAP", "val/paper_mIoU"]
+    per_lesion = [*(f"val/AP_{x}" for x in LESIONS), *(f"val/IoU_{x}" for x in LESIONS)]
+    header = [
+        "epoch",
+        "step",
+        "lr",
+        *(f"train/{t}" for t in terms),
+        *validation,
+        *per_lesion,
+        "epoch_time_s",
+        "img_per_s",
+    ]
     rows = [",".join(header)]
     for e in range(epochs):
         values = [e, 10 * (e + 1), 1e-4 / 2**e] + [1.0 / (e + 1)] * len(terms) + [0.9 - 0.1 * e]

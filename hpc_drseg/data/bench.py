@@ -155,9 +155,17 @@ def bench_loader(shards_dir: str | Path, workers: int, seconds: float, preset: s
     image_px = int(read_manifest(shards_dir)["image_px"])
     aug = build_augment(AugmentConfig(preset=preset), image_px)
     loader = build_train_loader(
-        shards_dir, "train", batch_size, rank=0, world_size=1, seed=0, epoch=0, num_workers=workers, augment=aug,
-        steps=10**9,
-    )  # fmt: skip
+        shards_dir,
+        split="train",
+        batch_size=batch_size,
+        rank=0,
+        world_size=1,
+        seed=0,
+        epoch=0,
+        num_workers=workers,
+        augment=aug,
+        steps=10**9,  # endless: the loop stops on the clock
+    )
     samples, start = 0, None
     for batch in loader:
         if start is None:

@@ -1,5 +1,5 @@
-"""Augmentation: presets hold SPEC.md values under albumentations 2.x names; masks stay aligned and binary; seeding;
-normalize."""
+"""Augmentation: presets hold the paper's values under albumentations 2.x names (docs/method.md); masks stay aligned
+and binary; seeding; normalize."""
 
 from __future__ import annotations
 
@@ -97,9 +97,19 @@ def test_paper_preset_holds_every_spec_value():
     aug = build_augment(AugmentConfig(preset="paper"), 512)
     t = _by_name(aug)
     assert set(t) == {
-        "HorizontalFlip", "VerticalFlip", "RandomRotate90", "Affine", "RandomBrightnessContrast", "RandomGamma",
-        "HueSaturationValue", "GaussNoise", "GaussianBlur", "ElasticTransform", "GridDistortion", "OpticalDistortion",
-    }  # fmt: skip
+        "HorizontalFlip",
+        "VerticalFlip",
+        "RandomRotate90",
+        "Affine",
+        "RandomBrightnessContrast",
+        "RandomGamma",
+        "HueSaturationValue",
+        "GaussNoise",
+        "GaussianBlur",
+        "ElasticTransform",
+        "GridDistortion",
+        "OpticalDistortion",
+    }
     for name in ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Affine"):
         assert t[name].p == 0.5, name
     affine = t["Affine"]
@@ -142,8 +152,10 @@ def test_strength_scales_outer_probabilities_and_clips_at_one():
 def test_light_preset_is_flips_and_rot90_only():
     aug = build_augment(AugmentConfig(preset="light", strength=0.5), 512)
     assert [(_stock_name(t), t.p) for t in aug.compose.transforms] == [
-        ("HorizontalFlip", 0.25), ("VerticalFlip", 0.25), ("RandomRotate90", 0.25)
-    ]  # fmt: skip
+        ("HorizontalFlip", 0.25),
+        ("VerticalFlip", 0.25),
+        ("RandomRotate90", 0.25),
+    ]
 
 
 def test_elastic_sigma_follows_image_side():
@@ -180,8 +192,12 @@ def test_photometric_transforms_leave_the_mask_untouched():
     aug = build_augment(AugmentConfig(preset="paper"), PX, seed=2)
     photometric = [t for t in _walk(aug.compose) if isinstance(t, A.ImageOnlyTransform)]
     assert {type(t).__name__ for t in photometric} == {
-        "RandomBrightnessContrast", "RandomGamma", "HueSaturationValue", "GaussNoise", "GaussianBlur"
-    }  # fmt: skip
+        "RandomBrightnessContrast",
+        "RandomGamma",
+        "HueSaturationValue",
+        "GaussNoise",
+        "GaussianBlur",
+    }
     for t in photometric:
         out = t(image=image, mask=mask, force_apply=True)
         assert np.array_equal(out["mask"], mask), type(t).__name__
@@ -258,8 +274,18 @@ def test_train_loader_workers_reseed_the_augmentation(shards_dir):
 
     def images(preset: str) -> list[torch.Tensor]:
         aug = build_augment(AugmentConfig(preset=preset, strength=2.0), image_px)  # no seed: OS entropy
-        loader = build_train_loader(shards_dir, "train", 2, 0, 1, seed=5, epoch=0, num_workers=2, augment=aug,
-                                    steps=4)  # fmt: skip
+        loader = build_train_loader(
+            shards_dir,
+            split="train",
+            batch_size=2,
+            rank=0,
+            world_size=1,
+            seed=5,
+            epoch=0,
+            num_workers=2,
+            augment=aug,
+            steps=4,
+        )
         return [batch.image for batch in loader]
 
     first = images("paper")
@@ -368,8 +394,14 @@ def test_normalize_values_dtype_and_memory_format():
     torch.testing.assert_close(out_cl, out)
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(1, 3, 4, 4), torch.zeros(3, 4, 4, dtype=torch.uint8),
-                                 torch.zeros(1, 4, 4, 4, dtype=torch.uint8)])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(1, 3, 4, 4),  # float
+        torch.zeros(3, 4, 4, dtype=torch.uint8),  # no batch axis
+        torch.zeros(1, 4, 4, 4, dtype=torch.uint8),  # 4 channels
+    ],
+)
 def test_normalize_rejects_anything_but_uint8_bchw_rgb(bad):
     with pytest.raises(ValueError, match="uint8"):
         normalize(bad)

@@ -58,7 +58,7 @@ def test_single_pixel_lesion_survives_4x_downscale(y: int, x: int) -> None:
     assert small[..., 0].sum() == 1 and small[y // 4, x // 4, 0] == 1
     assert not small[..., 1:].any()
     nearest = cv2.resize(mask, (16, 16), interpolation=cv2.INTER_NEAREST)
-    if (y % 4, x % 4) != (0, 0):  # the SPEC's problem: nearest keeps one source pixel in 16
+    if (y % 4, x % 4) != (0, 0):  # nearest keeps one source pixel in 16: a 1-px microaneurysm elsewhere vanishes
         assert not nearest[..., 0].any()
 
 
@@ -150,8 +150,9 @@ def test_webdataset_library_reads_the_shards(shards_dir: Path) -> None:
 
 def test_npy_image_codec_decodes_to_the_same_samples(ddr_root: Path, shards_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "npy"
-    manifest = write_shards(ddr_root, out, image_px=128, samples_per_shard=2, workers=1, progress=False,
-                            image_codec="npy")  # fmt: skip
+    manifest = write_shards(
+        ddr_root, out, image_px=128, samples_per_shard=2, workers=1, progress=False, image_codec="npy"
+    )
     assert manifest["image_codec"] == "npy" and read_manifest(shards_dir)["image_codec"] == "png"
     for split in ("train", "test"):
         info_png, info_npy = read_manifest(shards_dir)["splits"][split], manifest["splits"][split]

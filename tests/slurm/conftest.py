@@ -43,11 +43,17 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.slurm_conf)}
 
-    def run(self, args: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
-            timeout_s: float = 30) -> subprocess.CompletedProcess:  # fmt: skip
+    def run(
+        self,
+        args: Sequence[str],
+        cwd: Optional[Path] = None,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_s: float = 30,
+    ) -> subprocess.CompletedProcess:
         """Runs a SLURM client command against this cluster; raises with its output when it fails."""
-        result = subprocess.run(list(args), cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True,
-                                timeout=timeout_s)  # fmt: skip
+        result = subprocess.run(
+            list(args), cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout_s
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
         return result
@@ -77,8 +83,9 @@ def _start(state_dir: Path) -> SlurmCluster:
     t0 = time.monotonic()
     env = {**os.environ, "DRSEG_SLURM_NODES": str(CLUSTER_NODES), "DRSEG_FAKE_GPUS": str(FAKE_GPUS_PER_NODE)}
     try:
-        result = subprocess.run(["bash", str(START_SH), str(state_dir)], env=env, capture_output=True, text=True,
-                                timeout=START_TIMEOUT_S)  # fmt: skip
+        result = subprocess.run(
+            ["bash", str(START_SH), str(state_dir)], env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         _stop(state_dir)
         pytest.fail(f"slurm/local/start.sh did not finish in {START_TIMEOUT_S} s", pytrace=False)
@@ -88,8 +95,14 @@ def _start(state_dir: Path) -> SlurmCluster:
         pytest.fail(f"slurm/local/start.sh failed ({result.returncode}):\n{result.stderr[-4000:]}", pytrace=False)
     slurm_conf = state_dir / "etc" / "slurm.conf"
     assert f"export SLURM_CONF={slurm_conf}" in result.stdout, result.stdout
-    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], env={**os.environ, "SLURM_CONF": str(slurm_conf)},
-                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    sinfo = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%N"],
+        env={**os.environ, "SLURM_CONF": str(slurm_conf)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    nodes = sinfo.stdout.split()
     return SlurmCluster(state_dir, slurm_conf, tuple(sorted(set(nodes))), time.monotonic() - t0)
 
 

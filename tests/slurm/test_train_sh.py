@@ -27,8 +27,12 @@ PREEMPTED_STEPS = 3  # one epoch; the stop signal comes after step 1, so the req
 
 
 def tiny_overrides(shards: Path, steps_per_epoch: int = 1) -> list[str]:
-    return [f"data.shards={shards}", f"train.steps_per_epoch={steps_per_epoch}", "train.max_epochs=1",
-            "eval.histogram_bins=1000"]  # fmt: skip
+    return [
+        f"data.shards={shards}",
+        f"train.steps_per_epoch={steps_per_epoch}",
+        "train.max_epochs=1",
+        "eval.histogram_bins=1000",
+    ]
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -52,8 +56,17 @@ def finished(cluster, job: int, folder: Path, want: str = "COMPLETED") -> str:
 
 def test_cluster_runs_and_accounts_a_job_on_every_node(slurm_cluster, tmp_path: Path) -> None:
     nodes = len(slurm_cluster.nodes)
-    job = slurm_cluster.sbatch([f"--nodes={nodes}", "--ntasks-per-node=1", "-o", "out-%j.txt",
-                                "--wrap", "srun bash -c 'echo node=$SLURMD_NODENAME id=$SLURM_NODEID'"], cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        [
+            f"--nodes={nodes}",
+            "--ntasks-per-node=1",
+            "-o",
+            "out-%j.txt",
+            "--wrap",
+            "srun bash -c 'echo node=$SLURMD_NODENAME id=$SLURM_NODEID'",
+        ],
+        cwd=tmp_path,
+    )
     assert slurm_cluster.wait_state(job, timeout_s=60) == "COMPLETED"
     lines = sorted((tmp_path / f"out-{job}.txt").read_text().split("\n"))
     assert [line for line in lines if line] == [f"node={n} id={i}" for i, n in enumerate(slurm_cluster.nodes)]
@@ -62,13 +75,25 @@ def test_cluster_runs_and_accounts_a_job_on_every_node(slurm_cluster, tmp_path: 
 # sbatch options → what each task would launch (DRSEG_DRY_RUN=1 prints it): one process per allocated GPU,
 # DRSEG_CPU_PROCS without GPUs, srun with one task per node, each expanding its own machine rank.
 LAUNCH_CASES = {
-    "two_gpus": (["--gpus-per-node=2"], {}, ["accelerate launch * --multi_gpu --num_machines 1 --num_processes 2 "
-                                            "--main_process_port {port} -m hpc_drseg train *"]),
+    "two_gpus": (
+        ["--gpus-per-node=2"],
+        {},
+        [
+            "accelerate launch * --multi_gpu --num_machines 1 --num_processes 2 "
+            "--main_process_port {port} -m hpc_drseg train *"
+        ],
+    ),
     "one_gpu": (["--gpus-per-node=1"], {}, ["python -m hpc_drseg train *"]),
     "cpu_procs": (["--gpus-per-node=0"], {"DRSEG_CPU_PROCS": "2"}, ["accelerate launch * --num_processes 2 *"]),
-    "two_nodes": (["--nodes=2", "--gpus-per-node=2"], {}, [
-        f"accelerate launch * --num_machines 2 --num_processes 4 --main_process_ip 127.0.0.1 --main_process_port "
-        f"{{port}} --machine_rank {rank} -m hpc_drseg train *" for rank in (0, 1)]),
+    "two_nodes": (
+        ["--nodes=2", "--gpus-per-node=2"],
+        {},
+        [
+            f"accelerate launch * --num_machines 2 --num_processes 4 --main_process_ip 127.0.0.1 --main_process_port "
+            f"{{port}} --machine_rank {rank} -m hpc_drseg train *"
+            for rank in (0, 1)
+        ],
+    ),
 }
 
 
@@ -76,17 +101,18 @@ def test_launch_command_follows_the_allocation(slurm_cluster, tmp_path: Path) ->
     (tmp_path / "logs").mkdir()
     jobs = {}
     for name, (options, env, _) in LAUNCH_CASES.items():
-        jobs[name] = slurm_cluster.sbatch([*options, "--cpus-per-task=1", f"--job-name={name}", str(TRAIN_SH),
-                                           str(DEBUG_CONFIG), "train.batch_size=1"],
-                                          cwd=tmp_path, env=job_env(DRSEG_DRY_RUN="1", **env))  # fmt: skip
+        args = [*options, "--cpus-per-task=1", f"--job-name={name}", str(TRAIN_SH), str(DEBUG_CONFIG)]
+        jobs[name] = slurm_cluster.sbatch(
+            [*args, "train.batch_size=1"], cwd=tmp_path, env=job_env(DRSEG_DRY_RUN="1", **env)
+        )
     for name, (_, _, patterns) in LAUNCH_CASES.items():
         assert slurm_cluster.wait_state(jobs[name], timeout_s=60) == "COMPLETED", name
-        printed = [line for line in (tmp_path / "logs" / f"{name}-{jobs[name]}.out").read_text().splitlines()
-                   if not line.startswith("[train.sh")]  # fmt: skip
+        lines = (tmp_path / "logs" / f"{name}-{jobs[name]}.out").read_text().splitlines()
+        printed = [line for line in lines if not line.startswith("[train.sh")]
         port = 20000 + jobs[name] % 20000  # a port per job: two jobs on one node don't collide
         wanted = [p.format(port=port) for p in patterns]
-        assert len(printed) == len(wanted) and all(fnmatchcase(line, p) for line, p in zip(sorted(printed), wanted)), (
-            name, printed)
+        matched = all(fnmatchcase(line, p) for line, p in zip(sorted(printed), wanted))
+        assert len(printed) == len(wanted) and matched, (name, printed)
 
 
 def step_logged(folder: Path) -> bool:
@@ -115,14 +141,23 @@ def jobs(slurm_cluster, shards_dir: Path, tmp_path_factory: pytest.TempPathFacto
     preempted = [*tiny_overrides(shards_dir, PREEMPTED_STEPS), "train.run_dir=runs/preempted"]
     submitted = {}
     (folders["array"] / "logs").mkdir()
-    submitted["array"] = slurm_cluster.sbatch([*NO_GPU, "--array=3", str(TRAIN_SH), str(DEBUG_CONFIG),
-                                               *tiny_overrides(shards_dir)], cwd=folders["array"], env=job_env())
+    submitted["array"] = slurm_cluster.sbatch(
+        [*NO_GPU, "--array=3", str(TRAIN_SH), str(DEBUG_CONFIG), *tiny_overrides(shards_dir)],
+        cwd=folders["array"],
+        env=job_env(),
+    )
     (folders["one_node"] / "logs").mkdir()
-    submitted["one_node"] = slurm_cluster.sbatch([*NO_GPU, str(TRAIN_SH), str(DEBUG_CONFIG), *preempted],
-                                                 cwd=folders["one_node"], env=job_env(DRSEG_CPU_PROCS="2"))
+    submitted["one_node"] = slurm_cluster.sbatch(
+        [*NO_GPU, str(TRAIN_SH), str(DEBUG_CONFIG), *preempted],
+        cwd=folders["one_node"],
+        env=job_env(DRSEG_CPU_PROCS="2"),
+    )
     # Run directly, the script creates logs/ and submits itself with the leading sbatch options.
-    out = slurm_cluster.run(["bash", str(TRAIN_SH), "--parsable", "-N", "2", *NO_GPU, str(DEBUG_CONFIG), *preempted],
-                            cwd=folders["two_nodes"], env=job_env()).stdout
+    out = slurm_cluster.run(
+        ["bash", str(TRAIN_SH), "--parsable", "-N", "2", *NO_GPU, str(DEBUG_CONFIG), *preempted],
+        cwd=folders["two_nodes"],
+        env=job_env(),
+    ).stdout
     submitted["two_nodes"] = int(out.strip())
     result = {name: (submitted[name], folders[name]) for name in submitted}
     interrupt_after_first_step(slurm_cluster, {k: v for k, v in result.items() if k != "array"})
