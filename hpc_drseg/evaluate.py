@@ -1,4 +1,4 @@
-"""`drseg eval`: score a trained run on a split with both protocols of SPEC.md, on any number of ranks.
+"""`drseg eval`: score a trained run on a split with both evaluation protocols, on any number of ranks.
 
 paper: the shards' resolution (512² for the paper), per batch of eval.batch_size consecutive images (Table I).
 standard: probabilities upsampled to each image's native size, counts summed over the whole split and all ranks.
@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hpc_drseg.atomic import atomic_write_json
 from hpc_drseg.config import RunConfig, config_from_dict, load_config
 from hpc_drseg.constants import LESIONS
-from hpc_drseg.data.pipeline import build_eval_loader
+from hpc_drseg.data.pipeline import EvalLoader, build_eval_loader
+from hpc_drseg.errors import MissingError
 from hpc_drseg.metrics import histogram_pr_points
 from hpc_drseg.models import build_model
 from hpc_drseg.train import checkpoint as ckpt
 from hpc_drseg.train.runtime import build_accelerator
 from hpc_drseg.train.validate import collect_metrics
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger("hpc_drseg.evaluate")
 
@@ -35,13 +39,13 @@ def resolve_checkpoint(run_dir: Path, which: str) -> Path:
         path = ckpt.checkpoint_path(run_dir, name)
         if path.is_file():
             return path
-    raise FileNotFoundError(f"no checkpoint in {run_dir / ckpt.CHECKPOINT_DIR}; train first: drseg train --config …")
+    raise MissingError(f"no checkpoint in {run_dir / ckpt.CHECKPOINT_DIR}; train first: drseg train --config …")
 
 
 def run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory made by drseg train?")
+        raise MissingError(f"{path} not found: is {run_dir} a run directory made by drseg train?")
     return load_config(path, overrides)
 
 
@@ -53,8 +57,13 @@ def load_model_weights(path: Path) -> tuple[torch.nn.Module, RunConfig, dict[str
     return model, cfg, state
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", protocol: str = "both", which: str = "auto",
-                 overrides: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    protocol: str = "both",
+    which: str = "auto",
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Scores RUN's checkpoint on `split`; writes RUN/eval_<split>.json and returns its content."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, list(overrides or []))
@@ -64,10 +73,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", protocol: str = "both
     model = model.to(accelerator.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = build_eval_loader(
-        cfg.data.shards, split, cfg.eval.batch_size, accelerator.process_index, accelerator.num_processes,
-        cfg.data.num_workers, with_native=protocol in ("standard", "both"),
-    )  # fmt: skip
+    loader = _eval_loader(cfg, split, accelerator, with_native=protocol in ("standard", "both"))
     paper, standard, _ = collect_metrics(accelerator, model, loader, cfg, native=protocol != "paper")
     result = {
         "run": str(run_dir),
@@ -86,6 +92,19 @@ def evaluate_run(run_dir: str | Path, split: str = "test", protocol: str = "both
         atomic_write_json(run_dir / f"eval_{split}.json", result)
     accelerator.end_training()
     return result
+
+
+def _eval_loader(cfg: RunConfig, split: str, accelerator: Accelerator, with_native: bool) -> EvalLoader:
+    """This rank's share of `split`, in the batches of the paper protocol."""
+    return build_eval_loader(
+        shards_dir=cfg.data.shards,
+        split=split,
+        batch_size=cfg.eval.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=cfg.data.num_workers,
+        with_native=with_native,
+    )
 
 
 def _pr_curves(standard) -> dict[str, dict[str, list[float]]]:

@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from hpc_drseg.atomic import atomic_write_bytes
 from hpc_drseg.constants import LESION_COLOURS, LESIONS
+from hpc_drseg.data.normalize import normalize
+from hpc_drseg.errors import InputError, MissingError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 FOV_LEVEL = 10  # 0-255: the black border of fundus photos stays below this, JPEG noise included
@@ -39,21 +41,21 @@ def list_images(inputs: Path) -> list[Path]:
     if inputs.is_file():
         return [inputs]
     if not inputs.is_dir():
-        raise FileNotFoundError(f"input {inputs} does not exist; give a fundus image or a folder of them")
+        raise MissingError(f"input {inputs} does not exist; give a fundus image or a folder of them")
     paths = sorted(p for p in inputs.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise ValueError(f"folder {inputs} holds no image file ({', '.join(IMAGE_SUFFIXES)}); check the path")
+        raise InputError(f"folder {inputs} holds no image file ({', '.join(IMAGE_SUFFIXES)}); check the path")
     return paths
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; ValueError for a corrupt, truncated or non-image file. 16-bit TIFFs become 8-bit."""
+    """(H, W, 3) uint8 RGB; InputError for a corrupt, truncated or non-image file. 16-bit TIFFs become 8-bit."""
     try:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     except cv2.error as exc:
-        raise ValueError(f"{path}: OpenCV cannot decode it ({exc})") from exc
+        raise InputError(f"{path}: OpenCV cannot decode it ({exc})") from exc
     if bgr is None or bgr.size == 0:
-        raise ValueError(f"{path}: not a readable image (corrupt, truncated or not JPEG/PNG/TIFF)")
+        raise InputError(f"{path}: not a readable image (corrupt, truncated or not JPEG/PNG/TIFF)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -71,9 +73,9 @@ def select_device(device: Optional[str]) -> torch.device:
     try:
         chosen = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
+        raise InputError(f"device={device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available here; use device=cpu")
+        raise InputError(f"device={device!r} requested but CUDA is not available here; use device=cpu")
     return chosen
 
 
@@ -84,9 +86,8 @@ def predict_probs(model: torch.nn.Module, image: np.ndarray, image_px: int, devi
     Same input path as training: resize to image_px² (area averaging when shrinking), ImageNet normalisation;
     the probabilities (not the logits) are then upsampled bilinearly, as in the standard evaluation protocol.
     """
-    from hpc_drseg.data.augment import normalize
     from hpc_drseg.data.shards import resize_image
-    from hpc_drseg.train.validate import split_output
+    from hpc_drseg.models import split_output
 
     height, width = image.shape[:2]
     small = torch.from_numpy(np.ascontiguousarray(resize_image(image, image_px)))
@@ -125,10 +126,10 @@ def measure_lesions(binary: np.ndarray, fov_mask: Optional[np.ndarray] = None) -
     area_fov_fraction is None when the field of view is empty.
     """
     if binary.ndim != 3 or binary.shape[0] != len(LESIONS):
-        raise ValueError(f"measure_lesions: got shape {binary.shape}; expected ({len(LESIONS)}, H, W) in {LESIONS}")
+        raise InputError(f"measure_lesions: got shape {binary.shape}; expected ({len(LESIONS)}, H, W) in {LESIONS}")
     fov = np.ones(binary.shape[1:], bool) if fov_mask is None else fov_mask.astype(bool)
     if fov.shape != binary.shape[1:]:
-        raise ValueError(f"measure_lesions: fov_mask shape {fov.shape} differs from the masks' {binary.shape[1:]}")
+        raise InputError(f"measure_lesions: fov_mask shape {fov.shape} differs from the masks' {binary.shape[1:]}")
     fov_px = int(fov.sum())
     result = {}
     for lesion, mask in zip(LESIONS, binary):
@@ -163,8 +164,9 @@ def render_overlay(image: np.ndarray, binary: np.ndarray) -> np.ndarray:
     return out
 
 
-def _mark_tiny_components(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], radius: int,
-                          thickness: int) -> None:  # fmt: skip
+def _mark_tiny_components(
+    image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], radius: int, thickness: int
+) -> None:
     """A ring around every component narrower than the ring, so 1-10 px microaneurysms are seen at full size."""
     count, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     for label in range(1, count):
@@ -180,8 +182,16 @@ def _draw_legend(image: np.ndarray) -> None:
     for i, lesion in enumerate(LESIONS):
         top = gap + i * (box + gap)
         cv2.rectangle(image, (gap, top), (gap + box, top + box), LESION_COLOURS[lesion], thickness=cv2.FILLED)
-        cv2.putText(image, lesion, (2 * gap + box, top + box - max(1, box // 6)), cv2.FONT_HERSHEY_SIMPLEX,
-                    box / 30, (255, 255, 255), max(1, round(2 * scale)), cv2.LINE_AA)  # fmt: skip
+        cv2.putText(
+            image,
+            lesion,
+            org=(2 * gap + box, top + box - max(1, box // 6)),
+            fontFace=cv2.FONT_HERSHEY_SIMPLEX,
+            fontScale=box / 30,
+            color=(255, 255, 255),
+            thickness=max(1, round(2 * scale)),
+            lineType=cv2.LINE_AA,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -200,8 +210,14 @@ def write_probs(path: Path, probs: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- predict
-def predict(checkpoint: Path, inputs: Path, out: Path, save_probs: bool = False, threshold: float = 0.5,
-            device: Optional[str] = None) -> dict[str, Any]:  # fmt: skip
+def predict(
+    checkpoint: Path,
+    inputs: Path,
+    out: Path,
+    save_probs: bool = False,
+    threshold: float = 0.5,
+    device: Optional[str] = None,
+) -> dict[str, Any]:
     """Segments one image or a folder of them; writes OUT/<stem>_overlay.png, OUT/<stem>_probs.npz (save_probs)
     and OUT/lesions.json, and returns the content of lesions.json:
     {checkpoint, model, image_px, threshold, device, lesions_order, fov_method,
@@ -210,38 +226,58 @@ def predict(checkpoint: Path, inputs: Path, out: Path, save_probs: bool = False,
     from hpc_drseg.evaluate import load_model_weights
 
     inputs, out = Path(inputs), Path(out)
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold: got {threshold}; use a probability in [0, 1] (paper: 0.5)")
-    paths = list_images(inputs)
-    if inputs.is_dir() and out.resolve() == inputs.resolve():
-        raise ValueError(f"out={out} is the input folder; choose another folder so outputs are not read as inputs")
+    paths = _checked_inputs(inputs, out, threshold)
     torch_device = select_device(device)
     model, cfg, _ = load_model_weights(Path(checkpoint))
     model.to(torch_device).eval()
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "model": cfg.model.name, "image_px": cfg.data.image_px,
-        "threshold": threshold, "device": str(torch_device), "lesions_order": list(LESIONS), "fov_method": FOV_METHOD,
-        "images": {}, "errors": [],
-    }  # fmt: skip
+        "checkpoint": str(checkpoint),
+        "model": cfg.model.name,
+        "image_px": cfg.data.image_px,
+        "threshold": threshold,
+        "device": str(torch_device),
+        "lesions_order": list(LESIONS),
+        "fov_method": FOV_METHOD,
+        "images": {},
+        "errors": [],
+    }
     stems = output_stems(paths)
     for path in tqdm(paths, desc="predict", unit="img", file=sys.stderr, disable=len(paths) == 1):
         try:
             image = read_image(path)
-        except ValueError as exc:
+        except InputError as exc:
             result["errors"].append({"file": path.name, "path": str(path), "error": str(exc)})
             tqdm.write(f"drseg predict: skipped {exc}", file=sys.stderr)
             continue
         record = _predict_one(model, cfg.data.image_px, torch_device, image, threshold, out, stems[path], save_probs)
         result["images"][path.name] = {"path": str(path), **record}
     if not result["images"]:
-        raise ValueError(f"no readable image in {inputs}: " + "; ".join(e["error"] for e in result["errors"]))
+        raise InputError(f"no readable image in {inputs}: " + "; ".join(e["error"] for e in result["errors"]))
     atomic_write_bytes(out / "lesions.json", (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 
-def _predict_one(model: torch.nn.Module, image_px: int, device: torch.device, image: np.ndarray, threshold: float,
-                 out: Path, stem: str, save_probs: bool) -> dict[str, Any]:  # fmt: skip
+def _checked_inputs(inputs: Path, out: Path, threshold: float) -> list[Path]:
+    """The images to segment, after checking the arguments that would otherwise fail only after loading the model."""
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold: got {threshold}; use a probability in [0, 1] (paper: 0.5)")
+    paths = list_images(inputs)
+    if inputs.is_dir() and out.resolve() == inputs.resolve():
+        raise InputError(f"out={out} is the input folder; choose another folder so outputs are not read as inputs")
+    return paths
+
+
+def _predict_one(
+    model: torch.nn.Module,
+    image_px: int,
+    device: torch.device,
+    image: np.ndarray,
+    threshold: float,
+    out: Path,
+    stem: str,
+    save_probs: bool,
+) -> dict[str, Any]:
     probs = predict_probs(model, image, image_px, device)
     fov = estimate_fov(image)
     binary = binarize(probs, threshold, fov)

@@ -72,9 +72,11 @@ def test_threshold_extremes_cover_all_or_nothing_of_the_fov(checkpoint, photos, 
     for lesion in LESIONS:
         # sigmoid > 0 everywhere: each lesion is the whole FOV, one component, fraction 1.
         assert everything["lesions"][lesion] == {
-            "components": 1, "area_px": everything["fov_px"], "area_fov_fraction": 1.0,
+            "components": 1,
+            "area_px": everything["fov_px"],
+            "area_fov_fraction": 1.0,
             "largest_px": everything["fov_px"],
-        }  # fmt: skip
+        }
         assert nothing["lesions"][lesion] == {"components": 0, "area_px": 0, "area_fov_fraction": 0.0, "largest_px": 0}
     assert nothing["probs"] is None and not list((tmp_path / "none").glob("*.npz"))
     original = cv2.imread(str(image_path))

@@ -1,6 +1,6 @@
-"""Training-time augmentation of Jithesh et al. (ICMLA 2025), ported to albumentations 2.x, and the on-device
-ImageNet normalisation. Values: SPEC.md "Augmentation"; old 1.x argument names are silently ignored by 2.x, so every
-transform below is built with its 2.x names and Compose(strict=True) turns any leftover into an error.
+"""Training-time augmentation of Jithesh et al. (ICMLA 2025), ported to albumentations 2.x. The paper's values are
+below (docs/method.md lists them); old 1.x argument names are silently ignored by 2.x, so every transform below is
+built with its 2.x names and Compose(strict=True) turns any leftover into an error.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hpc_drseg.config import AugmentConfig  # noqa: E402
-from hpc_drseg.constants import IMAGENET_MEAN, IMAGENET_STD, LESIONS  # noqa: E402
+from hpc_drseg.constants import LESIONS  # noqa: E402
 
-# The paper's probabilities (SPEC.md). OneOf members keep theirs as selection weights: OneOf normalises them and then
+# normalize lived here before data/normalize.py; re-exported for code that still imports it from augment.
+from hpc_drseg.data.normalize import normalize as normalize  # noqa: E402
+from hpc_drseg.errors import InputError  # noqa: E402
+
+# The paper's probability per transform. OneOf members keep theirs as selection weights: OneOf normalises them and then
 # force-applies the chosen one, so each elastic/grid/optical fires with .3 × 1/3 = .1 overall.
 PAPER_P: dict[str, float] = {
     "HorizontalFlip": 0.5,
@@ -52,7 +56,7 @@ class Augment:
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         side = self.image_px
         if image.shape != (side, side, 3) or mask.shape != (side, side, len(LESIONS)):
-            raise ValueError(
+            raise InputError(
                 f"augment expects image ({side}, {side}, 3) and mask ({side}, {side}, {len(LESIONS)}); got "
                 f"{image.shape} and {mask.shape}: re-shard at data.image_px={side} or set data.image_px to the shards'"
             )
@@ -82,7 +86,7 @@ def build_augment(cfg: AugmentConfig, image_px: int, seed: int | None = None, st
     the reference the tests compare against and `drseg bench data` times side by side.
     """
     if image_px <= 0:
-        raise ValueError(f"image_px: got {image_px}; it must be > 0 (data.image_px)")
+        raise InputError(f"image_px: got {image_px}; it must be > 0 (data.image_px)")
     if cfg.preset == "none" or cfg.strength == 0:
         return None
     if cfg.preset == "paper":
@@ -90,7 +94,7 @@ def build_augment(cfg: AugmentConfig, image_px: int, seed: int | None = None, st
     elif cfg.preset == "light":
         transforms = _flips(cfg.strength, stock)
     else:
-        raise ValueError(f"data.augment.preset: got {cfg.preset!r}; choose one of 'paper', 'light', 'none'")
+        raise InputError(f"data.augment.preset: got {cfg.preset!r}; choose one of 'paper', 'light', 'none'")
     # strict: an argument name that 2.x does not know raises instead of being ignored with a warning.
     compose = A.Compose(transforms, strict=True, mask_interpolation=cv2.INTER_NEAREST)
     aug = Augment(compose, image_px)
@@ -256,18 +260,5 @@ def seed_augment(aug: Augment, seed: int) -> None:
     always applied as a pair: 96 of 200 samples both, 104 neither).
     """
     if seed < 0:
-        raise ValueError(f"seed_augment: seed must be >= 0, got {seed}")
+        raise InputError(f"seed_augment: seed must be >= 0, got {seed}")
     aug.compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 on any device -> float32 ImageNet-normalised, in the input's memory format."""
-    if image.dtype != torch.uint8 or image.dim() != 4 or image.shape[1] != 3:
-        raise ValueError(
-            f"normalize expects a (B, 3, H, W) uint8 tensor; got {tuple(image.shape)} {image.dtype} "
-            "(normalise once, on the raw batch)"
-        )
-    # (x/255 - mean)/std folded into one subtract and one multiply on the 0-255 scale.
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=image.device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32, device=image.device).view(1, 3, 1, 1) * 255.0)
-    return (image.to(torch.float32) - mean) * inv_std

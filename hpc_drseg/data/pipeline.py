@@ -27,6 +27,7 @@ from hpc_drseg.data.shards import (
     split_info,
     unpack_masks,
 )
+from hpc_drseg.errors import InputError
 
 Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -55,7 +56,7 @@ def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
     """Batches per rank per epoch: the images divided by the global batch, rounded up (at least 1)."""
     for name, value in (("num_images", num_images), ("batch_size", batch_size), ("world_size", world_size)):
         if value < 1:
-            raise ValueError(f"steps_per_epoch: {name} must be >= 1, got {value}")
+            raise InputError(f"steps_per_epoch: {name} must be >= 1, got {value}")
     return max(1, math.ceil(num_images / (batch_size * world_size)))
 
 
@@ -73,7 +74,7 @@ def decode_sample(raw: dict[str, Any], shard: Path, with_native: bool = False) -
     needed = ("mask.png",) + (("native.png",) if with_native else ())
     absent = [ext for ext in needed if ext not in raw] + ([] if codec else [f"image.{IMAGE_CODECS[0]}"])
     if absent:
-        raise ValueError(
+        raise InputError(
             f"shard {shard}: sample '{key}' lacks {absent} (has {sorted(k for k in raw if k != '__key__')}); "
             "re-run `drseg shard --overwrite`"
         )
@@ -81,7 +82,7 @@ def decode_sample(raw: dict[str, Any], shard: Path, with_native: bool = False) -
     name = f"shard {shard}: {key}.mask.png"
     mask = unpack_masks(decode_png(raw["mask.png"], name), name=name)
     if mask.shape[:2] != image.shape[:2]:
-        raise ValueError(f"shard {shard}: sample '{key}' has image {image.shape} and mask {mask.shape}; re-shard")
+        raise InputError(f"shard {shard}: sample '{key}' has image {image.shape} and mask {mask.shape}; re-shard")
     native = None
     if with_native:
         name = f"shard {shard}: {key}.native.png"
@@ -184,7 +185,7 @@ class _TrainStream(IterableDataset):
                         count += 1
                         yield raw, self.paths[index]
             if count == 0:
-                raise ValueError(f"training shards {[str(self.paths[i]) for i in order]} hold no usable sample")
+                raise InputError(f"training shards {[str(self.paths[i]) for i in order]} hold no usable sample")
 
 
 def _seed_worker(seed: int, augment: Optional[Augment], in_worker: bool) -> None:
@@ -244,9 +245,9 @@ def _identity(batch: Batch) -> Batch:
 
 def _check_rank(rank: int, world_size: int, num_workers: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
+        raise InputError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
     if num_workers < 0:
-        raise ValueError(f"num_workers: got {num_workers}; it must be >= 0 (0 = read in the main process)")
+        raise InputError(f"num_workers: got {num_workers}; it must be >= 0 (0 = read in the main process)")
 
 
 def build_train_loader(
@@ -271,7 +272,7 @@ def build_train_loader(
     """
     _check_rank(rank, world_size, num_workers)
     if batch_size < 1 or shuffle_buffer < 1 or subset < 0 or seed < 0 or epoch < 0:
-        raise ValueError(
+        raise InputError(
             f"build_train_loader: got batch_size={batch_size}, shuffle_buffer={shuffle_buffer}, subset={subset}, "
             f"seed={seed}, epoch={epoch}; need batch_size, shuffle_buffer >= 1 and subset, seed, epoch >= 0"
         )
@@ -279,7 +280,7 @@ def build_train_loader(
     paths, keep_ids, num_images = _train_shards(Path(shards_dir), split_info(manifest, split, shards_dir), subset)
     steps = steps_per_epoch(num_images, batch_size, world_size) if steps is None else steps
     if steps < 1:
-        raise ValueError(f"steps: got {steps}; it must be >= 1 (or None for one pass over the images)")
+        raise InputError(f"steps: got {steps}; it must be >= 1 (or None for one pass over the images)")
     stream = _TrainStream(paths, keep_ids, batch_size, rank, world_size, seed, epoch, shuffle_buffer, augment)
     return TrainLoader(stream, steps, num_workers, num_images)
 
@@ -392,11 +393,11 @@ def build_eval_loader(
     """
     _check_rank(rank, world_size, num_workers)
     if batch_size < 1:
-        raise ValueError(f"batch_size: got {batch_size}; it must be >= 1")
+        raise InputError(f"batch_size: got {batch_size}; it must be >= 1")
     manifest = read_manifest(shards_dir)
     info = split_info(manifest, split, shards_dir)
     if with_native and not info.get("has_native"):
-        raise ValueError(
+        raise InputError(
             f"split '{split}' in {shards_dir} was sharded without native-resolution masks (only "
             "valid/test get them); pass with_native=False"
         )

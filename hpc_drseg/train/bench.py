@@ -19,6 +19,7 @@ import torch
 from hpc_drseg.config import RunConfig, config_from_dict, config_to_dict
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.pipeline import Batch
+from hpc_drseg.errors import InputError
 from hpc_drseg.models import describe_model
 from hpc_drseg.train.trainer import Trainer
 
@@ -78,7 +79,7 @@ def _ensure_shards(cfg: RunConfig, images: int, workdir: Path) -> tuple[RunConfi
 def benchmark_train(cfg: RunConfig, steps: int = 20, warmup: int = 3, log: Callable[[str], None] = print) -> dict:
     """Runs `warmup + steps` training steps on random on-device batches, then on the loader's batches."""
     if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps {steps} / --warmup {warmup}: need at least 1 timed step and >= 0 warm-up steps")
+        raise InputError(f"--steps {steps} / --warmup {warmup}: need at least 1 timed step and >= 0 warm-up steps")
     with tempfile.TemporaryDirectory(prefix="drseg-bench-") as tmp:
         values = config_to_dict(cfg)
         values["train"].update(run_dir=str(Path(tmp) / "run"), steps_per_epoch=warmup + steps, max_steps=0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from hpc_drseg.errors import InputError
+
 
 @dataclass
 class MonitorState:
@@ -25,7 +27,7 @@ class PlateauMonitor:
 
     def __init__(self, mode: str, lr_factor: float, lr_patience: int, stop_patience: int, min_scale: float = 0.0):
         if mode not in ("max", "min"):
-            raise ValueError(f"monitor mode must be 'max' or 'min', got {mode!r}")
+            raise InputError(f"monitor mode must be 'max' or 'min', got {mode!r}")
         self.mode, self.lr_factor, self.lr_patience = mode, lr_factor, lr_patience
         self.stop_patience, self.min_scale = stop_patience, min_scale
         self.state = MonitorState()

@@ -1,7 +1,8 @@
 """Process layout: the Accelerator for CPU / one GPU / DDP / DeepSpeed, seeding, and device-side batch preparation.
 
-ENV-NOTES traps handled here: without CUDA, DDP needs `Accelerator(cpu=True)` (else ranks silently drift apart),
-but `cpu=True` silently drops DeepSpeed, which instead needs an explicit gloo process group on CPU.
+Two platform traps handled here (docs/platform-notes.md): without CUDA, DDP needs `Accelerator(cpu=True)` (else
+ranks silently drift apart), but `cpu=True` silently drops DeepSpeed, which instead needs an explicit gloo process
+group on CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hpc_drseg.config import TrainConfig
+from hpc_drseg.errors import InputError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -29,7 +31,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
 
     on_cpu = cfg.cpu or not torch.cuda.is_available()
     if cfg.precision == "fp16" and on_cpu:
-        raise ValueError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 (or no) on CPU")
+        raise InputError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 (or no) on CPU")
     handlers = []
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or uses_deepspeed()
     if on_cpu and launched:  # a lone process without rendezvous variables must not ask for a process group

@@ -2,28 +2,31 @@
 
 Paper optimisation (Jithesh et al., ICMLA 2025): Adam 1e-4, ReduceLROnPlateau (0.5, 5), early stopping (15), batch 4.
 Re-running on an existing run directory resumes it exactly: weights, optimiser, monitor, epoch/step, RNG and the
-position in the epoch's deterministic data stream.
+position in the epoch's deterministic data stream (the Checkpointer of train/checkpoint.py saves and restores them).
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from hpc_drseg.config import RunConfig, config_to_dict, save_config
-from hpc_drseg.data.augment import build_augment, normalize
+from hpc_drseg.config import RunConfig, save_config
+from hpc_drseg.data.augment import build_augment
+from hpc_drseg.data.normalize import normalize
 from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader, steps_per_epoch
 from hpc_drseg.data.shards import read_manifest
+from hpc_drseg.errors import InputError
 from hpc_drseg.losses import build_loss
-from hpc_drseg.models import build_model
-from hpc_drseg.train import checkpoint as ckpt
+from hpc_drseg.models import build_model, split_output
+from hpc_drseg.train.checkpoint import Checkpointer, Progress
 from hpc_drseg.train.logs import RunLogger
 from hpc_drseg.train.monitor import PlateauMonitor
 from hpc_drseg.train.runtime import (
@@ -32,24 +35,67 @@ from hpc_drseg.train.runtime import (
     model_input_dtype,
     seed_everything,
     set_debug_mode,
-    uses_deepspeed,
 )
 from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag
-from hpc_drseg.train.validate import collect_metrics, flatten_results, split_output
+from hpc_drseg.train.validate import collect_metrics, flatten_results
+
+__all__ = ["EpochStats", "Progress", "Stop", "StopReason", "TrainResult", "Trainer", "train"]
 
 log = logging.getLogger("hpc_drseg.train")
 
 DEBUG_SUBSET_BATCHES = 4  # train.debug without data.subset: this many batches per rank per epoch
 
 
-@dataclass
-class Progress:
-    """Where the run stands; saved in every checkpoint."""
+class StopReason(enum.Enum):
+    """Why training ended. Only SIGNAL leaves work undone: its exit status asks the scheduler to run it again."""
 
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
+    FINISHED = "finished"
+    EARLY_STOPPING = "early_stopping"
+    MAX_STEPS = "max_steps"
+    SIGNAL = "signal"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_RESUMABLE if self is StopReason.SIGNAL else 0
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A StopReason and the line `drseg train` prints for it (slurm/train.sh logs and the tests read these)."""
+
+    reason: StopReason
+    message: str
+
+    @classmethod
+    def finished(cls, epochs: int) -> Stop:
+        return cls(StopReason.FINISHED, f"finished {epochs} epochs")
+
+    @classmethod
+    def early_stopping(cls, monitor: str, patience: int) -> Stop:
+        return cls(StopReason.EARLY_STOPPING, f"early stopping: no improvement of {monitor} for {patience} epochs")
+
+    @classmethod
+    def max_steps(cls, max_steps: int) -> Stop:
+        return cls(StopReason.MAX_STEPS, f"reached train.max_steps={max_steps}")
+
+    @classmethod
+    def signal(cls, name: Optional[str]) -> Stop:
+        # A rank that did not receive the signal itself only knows that another one did.
+        return cls(StopReason.SIGNAL, f"stopped by {name or 'a signal on another rank'}")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one `run_epoch` call measured, for the epoch's history row."""
+
+    train: dict[str, float]
+    """"train/<loss term>": mean over this call's steps, averaged across ranks."""
+    img_per_s: float
+    """Images per second over all ranks, data loading included."""
+    started: float
+    """time.perf_counter() when the epoch started (its row's epoch_time_s includes validation)."""
+    stop: Optional[Stop]
+    """Set when a signal or train.max_steps ended the epoch early."""
 
 
 @dataclass
@@ -57,7 +103,9 @@ class TrainResult:
     run_dir: Path
     exit_code: int
     reason: str
+    """The human-readable Stop message, e.g. "finished 2 epochs", "stopped by SIGTERM"."""
     progress: Progress
+    stop: StopReason
 
 
 class Trainer:
@@ -72,13 +120,14 @@ class Trainer:
         self.progress = Progress()
         self.stop = StopFlag()
         self._build_objects()
+        self.checkpointer = Checkpointer(self.accelerator, cfg, self.model, self.optimizer, self.monitor)
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, history=self.progress.history)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _check_image_size(self) -> None:
         shard_px = self.manifest["image_px"]
         if shard_px != self.cfg.data.image_px:
-            raise ValueError(
+            raise InputError(
                 f"shards in {self.cfg.data.shards} are {shard_px}px but data.image_px={self.cfg.data.image_px}; "
                 f"set data.image_px={shard_px} or re-shard with --image-px {self.cfg.data.image_px}"
             )
@@ -166,40 +215,49 @@ class Trainer:
     def _train_batches(self, epoch: int) -> Iterable[Batch]:
         cfg = self.cfg
         loader = build_train_loader(
-            cfg.data.shards, cfg.data.train_split, cfg.train.batch_size, self.rank, self.world, cfg.train.seed,
-            epoch, cfg.data.num_workers, augment=self.augment, steps=self.steps, shuffle_buffer=cfg.data.shuffle_buffer,
+            shards_dir=cfg.data.shards,
+            split=cfg.data.train_split,
+            batch_size=cfg.train.batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            num_workers=cfg.data.num_workers,
+            augment=self.augment,
+            steps=self.steps,
+            shuffle_buffer=cfg.data.shuffle_buffer,
             subset=cfg.data.subset,
-        )  # fmt: skip
+        )
         # Resuming mid-epoch: the epoch's stream is deterministic, so replaying and dropping the consumed batches
         # puts data and augmentation exactly where the interrupted run was.
         return itertools.islice(loader, self.progress.step_in_epoch, None)
 
-    def run_epoch(self, epoch: int) -> Optional[str]:
-        """Trains one epoch; returns a stop reason when a signal or max_steps ended it early."""
+    def run_epoch(self, epoch: int) -> EpochStats:
+        """Trains the rest of one epoch (from progress.step_in_epoch); stops early on a signal or train.max_steps."""
         sums: dict[str, torch.Tensor] = {}
-        started, images, reason = time.perf_counter(), 0, None
+        started, images, steps, stop = time.perf_counter(), 0, 0, None
         bar = self.logger.progress_bar(self.steps, self.progress.step_in_epoch, f"epoch {epoch}")
         waited_from = time.perf_counter()
         for batch in self._train_batches(epoch):
             step_from = time.perf_counter()
             terms = self.train_step(batch)
             if self.cfg.train.debug:
-                log.info("debug: step %d data %.3fs compute %.3fs", self.progress.global_step,
-                         step_from - waited_from, time.perf_counter() - step_from)  # fmt: skip
+                data_s, compute_s = step_from - waited_from, time.perf_counter() - step_from
+                log.info("debug: step %d data %.3fs compute %.3fs", self.progress.global_step, data_s, compute_s)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0) + value
-            images += len(batch.ids) * self.world
+            images, steps = images + len(batch.ids) * self.world, steps + 1
             self.progress.step_in_epoch += 1
             self.progress.global_step += 1
             self._after_step(terms, bar, images / max(time.perf_counter() - started, 1e-9))
-            reason = self._early_exit_reason()
-            if reason:
+            stop = self._early_stop()
+            if stop is not None:
                 break
             waited_from = time.perf_counter()
         bar.close()
-        self._epoch_train_logs = {f"train/{k}": self._mean_across_ranks(v) for k, v in sums.items()}
-        self._epoch_speed = images / max(time.perf_counter() - started, 1e-9)
-        return reason
+        train_logs = {f"train/{k}": self._mean_across_ranks(v, steps) for k, v in sums.items()}
+        speed = images / max(time.perf_counter() - started, 1e-9)
+        return EpochStats(train=train_logs, img_per_s=speed, started=started, stop=stop)
 
     def _after_step(self, terms: dict[str, torch.Tensor], bar: Any, img_per_s: float) -> None:
         every = self.cfg.train.log_every_steps
@@ -209,31 +267,36 @@ class Trainer:
             bar.update(1)
         period = self.cfg.train.checkpoint_every_steps
         if period and self.progress.global_step % period == 0:
-            self.save_last()
+            self.checkpointer.save_last(self.progress)
 
-    def _early_exit_reason(self) -> Optional[str]:
+    def _early_stop(self) -> Optional[Stop]:
         if self._stop_requested():
-            return f"stopped by {self.stop.signal_name or 'a signal on another rank'}"
+            return Stop.signal(self.stop.signal_name)
         max_steps = self.cfg.train.max_steps
         if max_steps and self.progress.global_step >= max_steps:
-            return f"reached train.max_steps={max_steps}"
+            return Stop.max_steps(max_steps)
         return None
 
-    def _mean_across_ranks(self, total: torch.Tensor) -> float:
-        value = total.detach().float().reshape(1) / max(self.progress.step_in_epoch, 1)
+    def _mean_across_ranks(self, total: torch.Tensor, steps: int) -> float:
+        value = total.detach().float().reshape(1) / max(steps, 1)
         return float(self.accelerator.reduce(value, "mean").item())
 
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
         loader = build_eval_loader(
-            cfg.data.shards, cfg.data.val_split, cfg.eval.batch_size, self.rank, self.world,
-            cfg.data.num_workers, with_native=False,
-        )  # fmt: skip
+            shards_dir=cfg.data.shards,
+            split=cfg.data.val_split,
+            batch_size=cfg.eval.batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=cfg.data.num_workers,
+            with_native=False,
+        )
+        model = self.accelerator.unwrap_model(self.model)
         paper, standard, loss = collect_metrics(
-            self.accelerator, self.accelerator.unwrap_model(self.model), loader, cfg, native=False,
-            loss_fn=self.loss_fn,
-        )  # fmt: skip
+            self.accelerator, model, loader, cfg, native=False, loss_fn=self.loss_fn
+        )
         results = flatten_results(paper.compute(), standard.compute(), loss)
         return {f"val/{key}": value for key, value in results.items()}
 
@@ -245,78 +308,28 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
 
-    def end_epoch(self, epoch: int) -> None:
+    def end_epoch(self, epoch: int, stats: EpochStats) -> None:
+        """Validates, steps the monitor (LR, early stopping), appends the history row and checkpoints."""
         metrics = self.validate()
         monitored = metrics.get(self.cfg.train.monitor)
         if monitored is None:
-            raise ValueError(
+            raise InputError(
                 f"train.monitor={self.cfg.train.monitor!r} is not a validation quantity; use one of {sorted(metrics)}"
             )
         self.monitor.update(monitored, epoch)
         self._apply_lr()
-        row = {"epoch": epoch, "step": self.progress.global_step, "lr": self.lr, **self._epoch_train_logs, **metrics}
-        row.update({"epoch_time_s": time.perf_counter() - self._epoch_started, "img_per_s": self._epoch_speed})
+        row = {"epoch": epoch, "step": self.progress.global_step, "lr": self.lr, **stats.train, **metrics}
+        row.update({"epoch_time_s": time.perf_counter() - stats.started, "img_per_s": stats.img_per_s})
         self.progress.history.append(row)
         self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
         self.logger.epoch_row(row)
-        self.save_last()
+        self.checkpointer.save_last(self.progress)
         if self.monitor.improved:
-            self.save_best()
-
-    # ------------------------------------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict[str, Any]:
-        model = self.accelerator.unwrap_model(self.model)
-        state = {
-            "model": {k: v.detach().cpu() for k, v in self.accelerator.get_state_dict(model).items()},
-            "monitor": self.monitor.state_dict(),
-            "progress": {k: v for k, v in vars(self.progress).items()},
-            "config": config_to_dict(self.cfg),
-            "rng": ckpt.capture_rng(),
-            "world_size": self.world,
-        }
-        if not uses_deepspeed():
-            state["optimizer"] = self.optimizer.state_dict()
-        return state
-
-    def save_last(self) -> None:
-        state = self._state()
-        if uses_deepspeed():  # optimiser state is partitioned across ranks: every rank writes its part
-            self.accelerator.save_state(str(self.run_dir / ckpt.CHECKPOINT_DIR / "deepspeed"))
-        if self.rank > 0:
-            ckpt.atomic_torch_save(state["rng"], ckpt.rng_path(self.run_dir, self.rank))
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            ckpt.atomic_torch_save(state, ckpt.checkpoint_path(self.run_dir, "last"))
-        self.accelerator.wait_for_everyone()
-
-    def save_best(self) -> None:
-        if self.is_main:
-            state = self._state()
-            state.pop("optimizer", None)
-            ckpt.atomic_torch_save(state, ckpt.checkpoint_path(self.run_dir, "best"))
-
-    def resume(self) -> bool:
-        path = ckpt.checkpoint_path(self.run_dir, "last")
-        if not path.is_file():
-            return False
-        state = ckpt.load_checkpoint(path)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
-        if uses_deepspeed():
-            self.accelerator.load_state(str(self.run_dir / ckpt.CHECKPOINT_DIR / "deepspeed"))
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.monitor.load_state_dict(state["monitor"])
-        self.progress = Progress(**state["progress"])
-        self.logger.history = self.progress.history
-        self._apply_lr()
-        rng = state["rng"] if self.rank == 0 else ckpt.load_checkpoint(ckpt.rng_path(self.run_dir, self.rank))
-        ckpt.restore_rng(rng)
-        if self.is_main:
-            log.info("resumed %s at epoch %d, step %d", path, self.progress.epoch, self.progress.global_step)
-        return True
+            self.checkpointer.save_best(self.progress)
 
     def check_replicas(self) -> None:
-        """DDP/ZeRO keep every rank's weights identical; a silent drift (ENV-NOTES' CPU trap) is an error here."""
+        """DDP/ZeRO keep every rank's weights identical; a silent drift is an error here (without CUDA, DDP needs
+        Accelerator(cpu=True), else ranks silently drift apart: docs/platform-notes.md)."""
         if self.world == 1:
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -331,35 +344,49 @@ class Trainer:
             log.info("replicas identical on all %d ranks (%d parameter tensors)", self.world, checksum.numel())
 
     # ------------------------------------------------------------------------------------------------ main loop
+    def resume(self) -> bool:
+        """Continues from RUN/checkpoints/last.pt if there is one; False for a fresh run."""
+        progress = self.checkpointer.resume()
+        if progress is None:
+            return False
+        self.progress = progress
+        self.logger.history = progress.history
+        self._apply_lr()
+        return True
+
     def fit(self) -> TrainResult:
         self.stop.install()
         try:
             if not self.resume() and self.is_main:
                 save_config(self.cfg, self.run_dir / "config.yaml")
-            reason = self._loop()
+            stop = self._loop()
             self.check_replicas()
         finally:
             self.stop.uninstall()
             self.logger.close()
-        code = EXIT_RESUMABLE if reason.startswith("stopped by") else 0
-        return TrainResult(self.run_dir, code, reason, self.progress)
+        return TrainResult(
+            run_dir=self.run_dir,
+            exit_code=stop.reason.exit_code,
+            reason=stop.message,
+            progress=self.progress,
+            stop=stop.reason,
+        )
 
-    def _loop(self) -> str:
+    def _loop(self) -> Stop:
         while self.progress.epoch < self.cfg.train.max_epochs:
             if self.monitor.should_stop:
-                patience = self.monitor.stop_patience
-                return f"early stopping: no improvement of {self.cfg.train.monitor} for {patience} epochs"
+                return Stop.early_stopping(self.cfg.train.monitor, self.monitor.stop_patience)
             epoch = self.progress.epoch
-            self._epoch_started = time.perf_counter()
-            reason = self.run_epoch(epoch)
-            if reason and self.progress.step_in_epoch == self.steps and not reason.startswith("stopped by"):
-                self.end_epoch(epoch)  # max_steps fell on an epoch boundary: validate like any finished epoch
-            elif reason:
-                self.save_last()
-            if reason:
-                return reason
-            self.end_epoch(epoch)
-        return f"finished {self.cfg.train.max_epochs} epochs"
+            stats = self.run_epoch(epoch)
+            stop = stats.stop
+            # max_steps on an epoch boundary validates like any finished epoch; after a signal the resume does it.
+            if stop is None or (stop.reason is not StopReason.SIGNAL and self.progress.step_in_epoch == self.steps):
+                self.end_epoch(epoch, stats)
+            else:
+                self.checkpointer.save_last(self.progress)
+            if stop is not None:
+                return stop
+        return Stop.finished(self.cfg.train.max_epochs)
 
 
 def train(cfg: RunConfig) -> TrainResult:

@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
 from hpc_drseg.config import RunConfig
 from hpc_drseg.constants import LESIONS
-from hpc_drseg.data.augment import normalize
+from hpc_drseg.data.normalize import normalize
 from hpc_drseg.data.pipeline import Batch
 from hpc_drseg.losses import CombinedLoss
 from hpc_drseg.metrics import PaperMetrics, StandardMetrics
+from hpc_drseg.models.output import split_output
 from hpc_drseg.train.runtime import model_input_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-
-def split_output(output: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Models return logits, or {"logits", "aux"} when the auxiliary head is on and the model is training."""
-    if isinstance(output, dict):
-        return output["logits"], output.get("aux")
-    return output, None
 
 
 def _native_update(metric: StandardMetrics, probs: torch.Tensor, native_masks: list) -> None:
@@ -101,4 +95,3 @@ def flatten_results(paper: dict, standard: dict, loss: float) -> dict[str, float
         flat[f"AP_{lesion}"] = standard["AP"][lesion]
         flat[f"IoU_{lesion}"] = standard["IoU"][lesion]
     return flat
-

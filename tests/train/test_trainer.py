@@ -123,8 +123,8 @@ def test_ddp_two_processes_with_torchrun(shards_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_with_accelerate_launch(shards_dir, tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", "29532"]  # fmt: skip
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launcher += ["--num_processes", "2", "--main_process_port", "29532"]
     run_dir = tmp_path / "run"
     _check_two_rank_run(_launch(launcher, shards_dir, run_dir, "train.max_epochs=1"), run_dir)
 
@@ -132,9 +132,9 @@ def test_ddp_two_processes_with_accelerate_launch(shards_dir, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero2_two_processes(shards_dir, tmp_path):
     pytest.importorskip("deepspeed")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "launch" / "accelerate_deepspeed_zero2.yaml"), "--num_processes", "2",
-                "--main_process_port", "29533"]  # fmt: skip
+    zero2 = REPO / "launch" / "accelerate_deepspeed_zero2.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(zero2)]
+    launcher += ["--num_processes", "2", "--main_process_port", "29533"]
     run_dir = tmp_path / "run"
     done = _launch(launcher, shards_dir, run_dir, "train.max_epochs=1")
     _check_two_rank_run(done, run_dir)
@@ -142,11 +142,9 @@ def test_deepspeed_zero2_two_processes(shards_dir, tmp_path):
 
 
 def test_channels_last_and_gradient_accumulation_run(shards_dir, tmp_path):
-    cfg = load_config(
-        DEBUG_YAML,
-        overrides(shards_dir, tmp_path / "run", "train.channels_last=true", "train.grad_accum_steps=2",
-                  "train.max_steps=2", "model.use_aux_head=true", "loss.pos_weight=[4, 1, 1.5, 2]"),
-    )  # fmt: skip
+    extra = ["train.channels_last=true", "train.grad_accum_steps=2", "train.max_steps=2"]
+    extra += ["model.use_aux_head=true", "loss.pos_weight=[4, 1, 1.5, 2]"]
+    cfg = load_config(DEBUG_YAML, overrides(shards_dir, tmp_path / "run", *extra))
     result = train(cfg)
     assert result.exit_code == 0 and result.progress.global_step == 2
     state = load_checkpoint(checkpoint_path(tmp_path / "run", "last"))
