@@ -23,8 +23,14 @@ DEBUG_YAML = REPO / "configs" / "debug.yaml"
 TINY = ["model.name=unet", "model.unet_base_width=8", "train.max_epochs=1", "eval.histogram_bins=1000"]
 # The local cluster has no GPUs and 2 CPUs per node: one CPU per member.
 # The array runs 2 members at a time, which leaves room for the crash and preemption sweeps beside it.
-EXECUTOR = {"kind": "slurm", "gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 15, "signal_delay_s": 60,
-            "slurm_array_parallelism": 2}  # fmt: skip
+EXECUTOR = {
+    "kind": "slurm",
+    "gpus_per_node": 0,
+    "cpus_per_task": 1,
+    "timeout_min": 15,
+    "signal_delay_s": 60,
+    "slurm_array_parallelism": 2,
+}
 SWEEP_TIMEOUT_S = 600
 FAILED_WITHIN_S = 15
 
@@ -39,8 +45,13 @@ def write_spec(folder: Path, name: str, **fields) -> Path:
 
 def cli_status(cluster, sweep_dir: Path) -> str:
     """`drseg sweep status` as a user runs it (its own process, SLURM_CONF from the environment)."""
-    done = subprocess.run([sys.executable, "-m", "hpc_drseg", "sweep", "status", str(sweep_dir)], env=cluster.env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc_drseg", "sweep", "status", str(sweep_dir)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -50,10 +61,16 @@ def sweeps(slurm_cluster, shards_dir: Path, tmp_path_factory: pytest.TempPathFac
     """Submits the 2 × 2 loss-weight sweep and a one-trial sweep that trains long enough to be killed."""
     folder = tmp_path_factory.mktemp("slurm_sweeps")
     fixed = [f"data.shards={shards_dir}", *TINY]
-    loss = write_spec(folder, "loss", overrides=[*fixed, "train.steps_per_epoch=1"], seeds=[0, 1],
-                      grid={"loss.weights.dice": [0.5, 2.0]})  # fmt: skip
-    crash = write_spec(folder, "crash", overrides=[*fixed, "train.steps_per_epoch=400"], seeds=[0],
-                       grid={"loss.weights.bce": [0.5]})  # fmt: skip
+    loss = write_spec(
+        folder,
+        "loss",
+        overrides=[*fixed, "train.steps_per_epoch=1"],
+        seeds=[0, 1],
+        grid={"loss.weights.dice": [0.5, 2.0]},
+    )
+    crash = write_spec(
+        folder, "crash", overrides=[*fixed, "train.steps_per_epoch=400"], seeds=[0], grid={"loss.weights.bce": [0.5]}
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLURM_CONF", str(slurm_cluster.slurm_conf))  # submitit's sbatch and sacct read it
         patch.chdir(folder)
@@ -145,4 +162,3 @@ def test_sweep_completes_and_summary_has_mean_and_std(sweeps, slurm_cluster):
     assert len(states) == 4 and paths["csv"].is_file()
     for member in sweeps["loss"]["members"]:  # a member returns right after writing its last trial's state
         assert slurm_cluster.wait_state(member["job"], timeout_s=60) == "COMPLETED"
-
