@@ -10,7 +10,7 @@ LESION_NAMES: dict[str, str] = {
     "HE": "haemorrhages",
 }
 
-# ImageNet statistics, on the 0-1 scale (SPEC: input normalisation).
+# ImageNet statistics on the 0-1 scale: the paper normalises with them for its ImageNet-initialised ResNet.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -1,4 +1,5 @@
-"""Lesion-segmentation metrics of the two evaluation protocols in SPEC.md (Jithesh et al., ICMLA 2025, Table I).
+"""Lesion-segmentation metrics of the two evaluation protocols (docs/method.md): the paper's (Jithesh et al., ICMLA
+2025, Table I) and the standard one of later DDR work.
 
 Counts first, reductions last (as SMP's metrics/functional.py): each class keeps only summable tensors (per-batch sums,
 TP/FP/FN counts, score histograms) that ranks add up with one all-reduce; `compute()` turns them into AP/IoU/… .
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hpc_drseg.constants import LESIONS
+from hpc_drseg.errors import InputError
 
 # Thresholds of the standard protocol's 11-point AUPR (DDR evaluation code: np.linspace(0, 1, 11), `prob > t`).
 AUPR_THRESHOLDS: tuple[float, ...] = tuple(k / 10 for k in range(11))
@@ -29,22 +31,22 @@ def check_inputs(probs: Tensor, target: Tensor, where: str) -> tuple[Tensor, Ten
     """Validates a (B, 4, H, W) pair; returns (float32 probs, bool target).
 
     Scores are compared in float32 (half types upcast exactly; float64 is rounded), so both protocols and every
-    threshold see the same values. Integer/bool masks: > 0 is lesion (SPEC); float masks must hold only 0 and 1.
+    threshold see the same values. Integer/bool masks: > 0 is lesion (DDR's masks); float masks must hold only 0 and 1.
     """
     shape = (len(probs.shape) == 4) and probs.shape[1] == len(LESIONS)
     if not shape or probs.shape != target.shape:
-        raise ValueError(
+        raise InputError(
             f"{where}: probs {tuple(probs.shape)} and target {tuple(target.shape)} must both be "
             f"(B, {len(LESIONS)}, H, W), one channel per lesion {LESIONS}; resize probs to the mask size first"
         )
     if not probs.dtype.is_floating_point:
-        raise ValueError(f"{where}: probs must be a floating-point tensor, got {probs.dtype}; pass sigmoid(logits)")
+        raise InputError(f"{where}: probs must be a floating-point tensor, got {probs.dtype}; pass sigmoid(logits)")
     probs = probs.detach().float()
     if probs.numel() == 0:
-        raise ValueError(f"{where}: empty batch {tuple(probs.shape)}; every update needs at least one pixel")
+        raise InputError(f"{where}: empty batch {tuple(probs.shape)}; every update needs at least one pixel")
     lo, hi = torch.aminmax(probs)
     if not (lo.item() >= 0.0 and hi.item() <= 1.0):  # NaN fails both comparisons
-        raise ValueError(
+        raise InputError(
             f"{where}: probs must lie in [0, 1], got min {lo.item():.4g}, max {hi.item():.4g}; "
             "pass sigmoid(logits), not logits (and check for NaN)"
         )
@@ -57,13 +59,13 @@ def _as_bool_target(target: Tensor, where: str) -> Tensor:
     if not target.dtype.is_floating_point:
         return target > 0
     if not bool(((target == 0) | (target == 1)).all()):
-        raise ValueError(f"{where}: a float target must hold only 0 and 1 (binary masks); threshold soft masks first")
+        raise InputError(f"{where}: a float target must hold only 0 and 1 (binary masks); threshold soft masks first")
     return target > 0.5
 
 
 def check_threshold(threshold: float) -> float:
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"eval.threshold: got {threshold}; use a probability in [0, 1] (paper: 0.5)")
+        raise InputError(f"eval.threshold: got {threshold}; use a probability in [0, 1] (paper: 0.5)")
     return float(threshold)
 
 
@@ -308,7 +310,7 @@ class StandardMetrics(_SummableState):
 
     def __init__(self, threshold: float = 0.5, bins: int = 10000, device: torch.device | str = "cpu") -> None:
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 10 or bins % 10 or bins > MAX_BINS:
-            raise ValueError(
+            raise InputError(
                 f"eval.histogram_bins: got {bins!r}; use a multiple of 10 (so 0, 0.1, …, 1 are bin edges) "
                 f"between 10 and {MAX_BINS}, e.g. 10000"
             )

@@ -15,6 +15,7 @@ import yaml
 
 from hpc_drseg.atomic import atomic_write_text, atomic_writer
 from hpc_drseg.constants import LESION_COLOURS, LESION_NAMES, LESIONS
+from hpc_drseg.errors import InputError, MissingError
 
 MODEL_LABELS = {"attention_deeplab": "Attention-DeepLab", "deeplabv3plus": "DeepLab-V3+", "unet": "U-Net"}
 
@@ -51,10 +52,10 @@ def load_evals(run_dir: Path) -> dict[str, dict[str, Any]]:
     """{split: content of RUN/eval_<split>.json}, the test split first; a clear error when there is none."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist; train first: drseg train --config …")
+        raise MissingError(f"run directory {run_dir} does not exist; train first: drseg train --config …")
     paths = sorted(run_dir.glob("eval_*.json"), key=lambda p: (p.stem != "eval_test", p.stem))
     if not paths:
-        raise FileNotFoundError(f"no eval_<split>.json in {run_dir}; run `drseg eval --run {run_dir}` first")
+        raise MissingError(f"no eval_<split>.json in {run_dir}; run `drseg eval --run {run_dir}` first")
     return {path.stem.removeprefix("eval_"): _read_json(path) for path in paths}
 
 
@@ -62,9 +63,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not readable JSON ({exc}); re-run `drseg eval` to rewrite it") from exc
+        raise InputError(f"{path} is not readable JSON ({exc}); re-run `drseg eval` to rewrite it") from exc
     if not isinstance(content, dict) or not isinstance(content.get("protocols"), dict):
-        raise ValueError(f"{path} has no 'protocols' mapping; it was not written by `drseg eval`: re-run it")
+        raise InputError(f"{path} has no 'protocols' mapping; it was not written by `drseg eval`: re-run it")
     return content
 
 
@@ -382,14 +383,14 @@ def compare_runs(run_dirs: list[Path], out: Optional[Path] = None, split: str = 
     """Table I with one column per run (run name + model) for both protocols, the paper's numbers for each model
     present beside them; returns the markdown and, with `out`, writes it there and a .csv beside it."""
     if not run_dirs:
-        raise ValueError("compare_runs: give at least one run directory")
+        raise InputError("compare_runs: give at least one run directory")
     runs = {}
     for run_dir in map(Path, run_dirs):
         if run_dir in runs:
-            raise ValueError(f"compare_runs: {run_dir} is given twice; list each run once")
+            raise InputError(f"compare_runs: {run_dir} is given twice; list each run once")
         path = run_dir / f"eval_{split}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; run `drseg eval --run {run_dir} --split {split}` first")
+            raise MissingError(f"{path} not found; run `drseg eval --run {run_dir} --split {split}` first")
         runs[run_dir] = (*run_identity(run_dir), _read_json(path))
     labels = _run_labels(runs)
     refs: dict[str, dict[str, Any]] = {}
@@ -420,6 +421,6 @@ def _run_labels(runs: dict[Path, tuple[str, Optional[str], dict]]) -> dict[Path,
 
 def _write_comparison(out: Path, markdown: str, table_csv: str) -> None:
     if out.suffix.lower() == ".csv":
-        raise ValueError(f"compare_runs: out={out} is the markdown file; give e.g. {out.with_suffix('.md')}")
+        raise InputError(f"compare_runs: out={out} is the markdown file; give e.g. {out.with_suffix('.md')}")
     atomic_write_text(out, markdown)
     atomic_write_text(out.with_suffix(".csv"), table_csv)

@@ -1,6 +1,6 @@
-"""Tests of hpc_drseg.metrics, both evaluation protocols of SPEC.md: hand-checked tiny cases (expected numbers worked
-out by hand in the comments), agreement with sklearn.metrics on random and lesion-like data, exactness at bin edges,
-summable state (halves summed == whole, incl. a real 2-process gloo all-reduce) and input validation.
+"""Tests of hpc_drseg.metrics, both evaluation protocols (docs/method.md): hand-checked tiny cases (expected numbers
+worked out by hand in the comments), agreement with sklearn.metrics on random and lesion-like data, exactness at bin
+edges, summable state (halves summed == whole, incl. a real 2-process gloo all-reduce) and input validation.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import torch
 from hpc_drseg.config import AugmentConfig
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.augment import Augment, build_augment
+from hpc_drseg.errors import InputError, MissingError
 
 GOAL_PER_CORE = 60.0  # samples/s per core for the paper preset at 512² (16 cores × 60 ≈ 1000/s)
 PRESETS = ("paper", "light", "none")
@@ -188,13 +189,13 @@ def benchmark_data(
     """Runs layer (a) at `image_px` for every preset and every paper transform, then layer (b) on `shards_dir` (if
     given) with the `preset` augmentation for each worker count. Returns one dict per measurement."""
     if seconds <= 0:
-        raise ValueError(f"--seconds: got {seconds}; it must be > 0")
+        raise InputError(f"--seconds: got {seconds}; it must be > 0")
     if any(w < 0 for w in workers):
-        raise ValueError(f"--workers: got {workers}; worker counts must be >= 0 (0 = main process)")
+        raise InputError(f"--workers: got {workers}; worker counts must be >= 0 (0 = main process)")
     if preset not in PRESETS:
-        raise ValueError(f"--preset: got {preset!r}; choose one of {list(PRESETS)}")
+        raise InputError(f"--preset: got {preset!r}; choose one of {list(PRESETS)}")
     if shards_dir is not None and not Path(shards_dir).is_dir():
-        raise FileNotFoundError(f"--shards {shards_dir}: no such folder; run `drseg shard` first or leave it out")
+        raise MissingError(f"--shards {shards_dir}: no such folder; run `drseg shard` first or leave it out")
     samples = make_test_samples(image_px)
     rows: list[dict[str, Any]] = []
     with _one_thread():

@@ -33,7 +33,7 @@ from hpc_drseg.host import usable_cores
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-NATIVE_SPLITS = ("valid", "test")  # the standard evaluation protocol scores these at native resolution (SPEC)
+NATIVE_SPLITS = ("valid", "test")  # the standard evaluation protocol scores these at native resolution
 SAMPLES_PER_SHARD = 16  # DDR valid (149) → 10 shards, test (225) → 15: enough to split by shard over ranks × workers
 # IMAGE_CODECS: how training images are stored; both lossless (no second lossy step after the source JPEG), so they
 # decode to the same pixels. png: ~2.4× smaller (the default, kind to shared file systems); npy: raw arrays, decoding
@@ -62,12 +62,12 @@ def resize_image(image: np.ndarray, image_px: int) -> np.ndarray:
 def resize_mask(mask: np.ndarray, image_px: int) -> np.ndarray:
     """(H, W, C) uint8 0/1 → (image_px, image_px, C) 0/1: a target pixel is lesion if any part of its footprint is.
 
-    SPEC: nearest-neighbour erases most 1-3 px microaneurysms when a ~1500-3000 px fundus goes to 512² (it keeps one
-    source pixel in 9-36). Instead each axis is resized on its own: when shrinking, INTER_AREA on the 0/1 mask as
-    float32 gives the lesion fraction of the footprint, and `> 0` keeps every pixel that holds any lesion (exact
-    max-pooling over the footprint); when enlarging, nearest (centre-aligned) already keeps every source pixel. The
-    cost is a slight dilation of lesion borders at the target resolution, which the native-resolution masks undo
-    for evaluation.
+    Nearest-neighbour (the paper code's rule) erases most 1-3 px microaneurysms when a ~1500-3000 px fundus goes to
+    512² (it keeps one source pixel in 9-36; docs/method.md has the trade-off). Instead each axis is resized on its
+    own: when shrinking, INTER_AREA on the 0/1 mask as float32 gives the lesion fraction of the footprint, and `> 0`
+    keeps every pixel that holds any lesion (exact max-pooling over the footprint); when enlarging, nearest
+    (centre-aligned) already keeps every source pixel. The cost is a slight dilation of lesion borders at the target
+    resolution, which the native-resolution masks undo for evaluation.
     """
     out = mask
     for axis in (1, 0):  # width, then height

@@ -26,11 +26,11 @@ from hpc_drseg.constants import LESIONS, SPLITS
 from hpc_drseg.host import usable_cores
 
 DDR_COUNTS: dict[str, int] = {"train": 383, "valid": 149, "test": 225}
-# DDR: images containing each lesion, of 757 (SPEC.md).
+# DDR: images containing each lesion, of 757 (Jithesh et al., sec. III-A; docs/method.md).
 PREVALENCE: dict[str, float] = {"MA": 570 / 757, "EX": 486 / 757, "SE": 239 / 757, "HE": 601 / 757}
 # A few images hold no lesion at all; the per-lesion draws are rescaled so PREVALENCE still holds on average.
 LESION_FREE_P = 0.03
-# Lesion sizes below are in px of a ~1250 px fundus photo (the brief's 1000-1500 px); they scale with the image.
+# Lesion sizes below are in px of a ~1250 px fundus photo (the middle of 1000-1500 px); they scale with the image.
 REFERENCE_PX = 1250.0
 MIN_SIDE_PX = 64
 JPEG_QUALITY = 95

@@ -1,6 +1,7 @@
 """ResNet-18/34/50/101 encoders (He et al. 2016) with torchvision's module names, and strict loading of a local
 torchvision-format ImageNet state-dict file. Output stride 32 (as the paper's model) or 16 (layer4 dilated, DeepLab).
-Written here because torchvision does not load with the CPU torch build (ENV-NOTES); only the key format matters.
+Written here because torchvision's wheel fails to import beside the CPU torch build (docs/platform-notes.md); only
+the state-dict key format matters.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from hpc_drseg.errors import InputError, MissingError
 
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
@@ -25,7 +28,7 @@ _LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 def check_divisible(height: int, width: int, stride: int, model: str) -> None:
     """Raises ValueError unless both sides are multiples of `stride` (the model's total downsampling)."""
     if height % stride or width % stride:
-        raise ValueError(
+        raise InputError(
             f"{model}: input size {height}×{width} does not work; height and width must be multiples of {stride} "
             f"(e.g. {max(stride, height // stride * stride)}×{max(stride, width // stride * stride)}, 256, 512, 1024)"
         )
@@ -92,9 +95,9 @@ class ResNet(nn.Module):
     def __init__(self, name: BackboneName = "resnet50", output_stride: int = 32):
         super().__init__()
         if name not in _LAYOUTS:
-            raise ValueError(f"backbone: got {name!r}; choose one of {list(_LAYOUTS)}")
+            raise InputError(f"backbone: got {name!r}; choose one of {list(_LAYOUTS)}")
         if output_stride not in (16, 32):
-            raise ValueError(f"output_stride: got {output_stride}; choose 16 (dilated layer4) or 32 (paper)")
+            raise InputError(f"output_stride: got {output_stride}; choose 16 (dilated layer4) or 32 (paper)")
         kind, blocks = _LAYOUTS[name]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.name = name
@@ -156,7 +159,7 @@ def load_pretrained(backbone: ResNet, path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingError(
             f"pretrained backbone file {path} does not exist; download torchvision's ImageNet weights for "
             f"{backbone.name} to that path yourself (nothing is downloaded at run time) or set "
             f"model.pretrained_path=null for random initialisation"
@@ -175,9 +178,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, non-tensor objects refused by weights_only
-        raise ValueError(f"pretrained backbone file {path} could not be read as a torch state dict: {exc}") from exc
+        raise InputError(f"pretrained backbone file {path} could not be read as a torch state dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
+        raise InputError(
             f"pretrained backbone file {path} is not a flat state dict of tensors (torchvision format, keys like "
             f"'conv1.weight', 'layer1.0.conv1.weight'); if it is a training checkpoint, save its model state dict"
         )
@@ -198,7 +201,7 @@ def _check_keys_and_shapes(state: dict[str, Tensor], expected: dict[str, Tensor]
             more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
     if problems:
-        raise ValueError(
+        raise InputError(
             f"pretrained backbone file {path} does not match a torchvision {name}: {'; '.join(problems)}. "
             f"Check model.backbone matches the file (e.g. resnet50 weights for backbone=resnet50)"
         )

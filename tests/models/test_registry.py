@@ -1,5 +1,5 @@
 """Registry: config → model wiring (CBAM sites, impl, pretrained file), input-size checks, describe_model numbers
-(parameter counts of the paper's models, training FLOPs at 512² against SPEC.md's measurement)."""
+(parameter counts of the paper's models, training FLOPs at 512² against a reference measurement; docs/method.md)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def test_unet_width_and_upsampling_options():
 
 
 def test_paper_parameter_counts():
-    """SPEC.md: a plain-PyTorch Attention-DeepLab (ResNet-50, OS 32) measured 40.36 M; the paper's U-Net ≈ 4.3 M."""
+    """A plain-PyTorch build of the paper's Attention-DeepLab (ResNet-50, OS 32) has 40.36 M parameters; its U-Net
+    (base 32, bilinear) ≈ 4.3 M (docs/method.md)."""
     attention = describe_model(ModelConfig(), image_px=64)["params_total"]
     assert abs(attention - 40.36e6) <= 0.01 * 40.36e6, attention
     assert attention == n_params(build_model(ModelConfig()))  # meta-device count = real count
@@ -58,7 +59,8 @@ def test_paper_parameter_counts():
 
 
 def test_paper_training_flops_at_512():
-    """SPEC.md: 278 GFLOP per training image (forward + backward) at 512² for Attention-DeepLab, OS 32."""
+    """278 GFLOP per training image (forward + backward) at 512² for Attention-DeepLab, OS 32, as measured on an
+    independent plain-PyTorch build of the paper's model (docs/method.md)."""
     info = describe_model(ModelConfig(), image_px=512)
     assert abs(info["train_gflops_per_image"] - 278) <= 0.01 * 278, info["train_gflops_per_image"]
     assert info["output_shape"] == [1, 4, 512, 512] and info["output_stride"] == info["input_multiple"] == 32
