@@ -11,6 +11,10 @@ from typing import Literal, get_args
 ModelName = Literal["attention_deeplab", "deeplabv3plus", "unet"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
+# Backbone initialisation: ImageNet weights from a local file (the paper), or random (always an explicit choice).
+ModelInit = Literal["imagenet", "random"]
+MODEL_INITS: tuple[str, ...] = get_args(ModelInit)
+
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 BACKBONES: tuple[str, ...] = get_args(BackboneName)
 

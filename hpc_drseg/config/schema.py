@@ -18,12 +18,34 @@ from hpc_drseg.config.choices import (
     CBAMImpl,
     CBAMSite,
     EvalProtocol,
+    ModelInit,
     ModelName,
     MonitorMode,
     OutputStride,
     Precision,
 )
 from hpc_drseg.constants import LESIONS
+
+# What validation logs each epoch as val/<name> (train/validate.py): the names train.monitor and
+# optim.plateau_monitor may watch. Standard protocol at training resolution, paper protocol as paper_*.
+VALIDATION_SUMMARIES = ("loss", "mAP", "mIoU", "mDice", "mAUPR11", "paper_mAP", "paper_mIoU")
+VALIDATION_PER_LESION = ("AP", "IoU")
+VALIDATION_QUANTITIES: tuple[str, ...] = tuple(
+    f"val/{name}"
+    for name in (*VALIDATION_SUMMARIES, *(f"{m}_{lesion}" for m in VALIDATION_PER_LESION for lesion in LESIONS))
+)
+
+
+def check_validation_quantity(key: str, name: str) -> None:
+    if name not in VALIDATION_QUANTITIES:
+        raise ConfigError(
+            f"{key}: got {name!r}; it must name a validation quantity: {', '.join(VALIDATION_QUANTITIES)}"
+        )
+
+
+def quantity_mode(name: str) -> MonitorMode:
+    return "min" if name.endswith("loss") else "max"
+
 
 # U-Net halves the resolution four times; DeepLab models need multiples of their backbone's output stride.
 UNET_INPUT_MULTIPLE = 16
@@ -97,8 +119,10 @@ class ModelConfig:
     """Architecture: Attention-DeepLab (paper), plain DeepLab-V3+, or U-Net."""
     backbone: BackboneName = "resnet50"
     """ResNet encoder of the DeepLab models (torchvision module names)."""
+    init: ModelInit = "imagenet"
+    """'imagenet' (the paper) loads model.pretrained_path; 'random' trains from scratch (U-Net always does)."""
     pretrained_path: Optional[str] = None
-    """Local torchvision-format ImageNet state-dict file for the backbone; None = random init. Never downloaded."""
+    """Local torchvision-format ImageNet ResNet state-dict file (model.init=imagenet); never downloaded at run time."""
     output_stride: OutputStride = 32
     """Backbone output stride: 32 = the paper's model (no dilation), 16 = dilated layer4 (usual DeepLab-V3+)."""
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
@@ -115,6 +139,11 @@ class ModelConfig:
     """U-Net upsampling by bilinear interpolation (True, paper run) or transposed convolution."""
 
     def __post_init__(self) -> None:
+        if self.init == "random" and self.pretrained_path is not None and self.name != "unet":
+            raise ConfigError(
+                f"model.pretrained_path={self.pretrained_path} is set but model.init=random; set model.init=imagenet "
+                "to load it, or model.pretrained_path=null to train from scratch"
+            )
         if len(self.aspp_rates) != 3 or any(r < 1 for r in self.aspp_rates):
             raise ConfigError(f"model.aspp_rates: got {self.aspp_rates}; give three positive rates, e.g. [6, 12, 18]")
         check_positive("model.unet_base_width", self.unet_base_width)
@@ -164,6 +193,8 @@ class LossConfig:
         check_range("loss.focal_alpha", self.focal_alpha, 0.0, 1.0)
         check_range("loss.focal_gamma", self.focal_gamma, 0.0, 10.0)
         check_range("loss.boundary_theta", self.boundary_theta, 0.0, 100.0)
+        check_range("loss.aux_weight", self.aux_weight, 0.0, 1e6)
+        check_range("loss.dice_eps", self.dice_eps, 1e-12, 1.0)
         if self.pos_weight is not None and len(self.pos_weight) != len(LESIONS):
             raise ConfigError(
                 f"loss.pos_weight: got {len(self.pos_weight)} values; give {len(LESIONS)}, one per lesion {LESIONS}"
@@ -182,6 +213,8 @@ class OptimConfig:
     """ReduceLROnPlateau factor (paper)."""
     plateau_patience: int = 5
     """ReduceLROnPlateau patience in epochs (paper)."""
+    plateau_monitor: str = "val/loss"
+    """Validation quantity ReduceLROnPlateau watches (paper code: val/loss); lowered for losses, raised otherwise."""
     min_lr: float = 0.0
     """Lower bound of the learning rate."""
 
@@ -190,6 +223,15 @@ class OptimConfig:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas: got {self.betas}; give two numbers in [0, 1), e.g. [0.9, 0.999]")
         check_range("optim.plateau_factor", self.plateau_factor, 1e-6, 1.0)
+        check_range("optim.plateau_patience", self.plateau_patience, 0, 10_000)
+        check_range("optim.weight_decay", self.weight_decay, 0.0, 10.0)
+        check_range("optim.min_lr", self.min_lr, 0.0, self.lr)
+        check_validation_quantity("optim.plateau_monitor", self.plateau_monitor)
+
+    @property
+    def plateau_mode(self) -> MonitorMode:
+        """A loss should go down; every other validation quantity (AP, IoU, Dice) up."""
+        return quantity_mode(self.plateau_monitor)
 
 
 @dataclass
@@ -211,9 +253,9 @@ class TrainConfig:
     early_stop_patience: int = 15
     """Stop after this many epochs without improvement of monitor (paper: 15); 0 = never."""
     monitor: str = "val/mAP"
-    """Validation quantity for early stopping, LR schedule and best.pt (e.g. val/mAP, val/mIoU, val/loss)."""
+    """Validation quantity for best.pt and early stopping (paper code: AP; e.g. val/mAP, val/mIoU, val/loss)."""
     monitor_mode: MonitorMode = "max"
-    """Whether the monitored quantity should go up (max) or down (min)."""
+    """Whether train.monitor should go up (max) or down (min)."""
     precision: Precision = "no"
     """Mixed precision (paper: fp32 = 'no')."""
     channels_last: bool = False
@@ -232,8 +274,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "max_epochs", "log_every_steps"):
             check_positive(f"train.{name}", getattr(self, name))
-        for name in ("max_steps", "steps_per_epoch", "early_stop_patience", "checkpoint_every_steps"):
+        for name in ("seed", "max_steps", "steps_per_epoch", "early_stop_patience", "checkpoint_every_steps"):
             check_range(f"train.{name}", getattr(self, name), 0, 10**12)
+        check_validation_quantity("train.monitor", self.monitor)
 
 
 @dataclass

@@ -5,6 +5,6 @@ ModelConfig by `build_model`. Every model maps (B, 3, H, W) images to (B, 4, H, 
 
 from hpc_drseg.models.cbam import CBAM
 from hpc_drseg.models.output import split_output
-from hpc_drseg.models.registry import build_model, check_input_size, describe_model
+from hpc_drseg.models.registry import build_model, check_initialisation, check_input_size, describe_model
 
-__all__ = ["CBAM", "build_model", "check_input_size", "describe_model", "split_output"]
+__all__ = ["CBAM", "build_model", "check_initialisation", "check_input_size", "describe_model", "split_output"]

@@ -5,6 +5,7 @@ parameter counts, training FLOPs per image, output shape, the CBAM implementatio
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hpc_drseg.config import ModelConfig
 from hpc_drseg.config.choices import MODEL_NAMES
 from hpc_drseg.constants import LESIONS
-from hpc_drseg.errors import InputError
+from hpc_drseg.errors import InputError, MissingError
 from hpc_drseg.models.backbone import check_divisible
 from hpc_drseg.models.cbam import active_impl
 from hpc_drseg.models.deeplab import DeepLabV3Plus
@@ -52,6 +53,23 @@ def _build(cfg: ModelConfig, cbam_impl: str, load_weights: bool) -> nn.Module:
         cbam_kernel_size=cfg.cbam.kernel_size,
         cbam_impl=cbam_impl,  # type: ignore[arg-type]
     )
+
+
+def check_initialisation(cfg: ModelConfig) -> None:
+    """Before training: model.init=imagenet needs a readable weights file (DeepLab models)."""
+    if cfg.init == "random" or cfg.name == "unet":  # U-Net has no ImageNet backbone: always random, as in the paper
+        return
+    if not cfg.pretrained_path:
+        raise InputError(
+            "model.init=imagenet needs model.pretrained_path, a local torchvision-format ResNet state dict (e.g. "
+            f"torchvision's {cfg.backbone} ImageNet weights, downloaded once: see README 'Pretrained weights'); "
+            "or set model.init=random to train from random weights"
+        )
+    if not Path(cfg.pretrained_path).expanduser().is_file():
+        raise MissingError(
+            f"model.pretrained_path={cfg.pretrained_path} does not exist (model.init=imagenet); download the weights "
+            "file there, or set model.init=random"
+        )
 
 
 def check_input_size(cfg: ModelConfig, height: int, width: int) -> None:

@@ -25,7 +25,7 @@ from hpc_drseg.train.runtime import uses_deepspeed
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from hpc_drseg.train.monitor import PlateauMonitor
+    from hpc_drseg.train.monitor import TrainingMonitor
 
 log = logging.getLogger("hpc_drseg.train")
 
@@ -117,7 +117,7 @@ class Checkpointer:
         cfg: RunConfig,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        monitor: PlateauMonitor,
+        monitor: TrainingMonitor,
     ) -> None:
         self.accelerator, self.cfg = accelerator, cfg
         self.model, self.optimizer, self.monitor = model, optimizer, monitor

@@ -1,6 +1,7 @@
-"""Validation monitor: ReduceLROnPlateau, early stopping and best-checkpoint tracking in one checkpointable object.
+"""Validation monitors: the best epoch (best.pt, early stopping) and ReduceLROnPlateau, each on its own quantity.
 
-Paper: ReduceLROnPlateau (factor 0.5, patience 5) and early stopping (patience 15) on a validation quantity. Written
+The paper's code steps ReduceLROnPlateau (factor 0.5, patience 5) on the validation loss and keeps the best checkpoint
+and stops early (patience 15) on validation AP: two quantities, `optim.plateau_monitor` and `train.monitor`. Written
 here rather than torch's scheduler so it acts on any optimiser wrapper (DeepSpeed's included) and its whole state is
 plain numbers that `torch.load(weights_only=True)` accepts.
 """
@@ -9,55 +10,111 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from hpc_drseg.errors import InputError
+# torch.optim.lr_scheduler.ReduceLROnPlateau's defaults, which the paper's code used: an epoch counts as an
+# improvement only when it beats the best by more than this fraction of it (threshold_mode "rel").
+PLATEAU_REL_THRESHOLD = 1e-4
 
 
 @dataclass
-class MonitorState:
+class BestState:
     best: float = math.nan
     best_epoch: int = -1
     epochs_since_best: int = 0
-    epochs_since_lr_change: int = 0
+
+
+@dataclass
+class PlateauState:
+    best: float = math.nan
+    bad_epochs: int = 0
     lr_scale: float = 1.0
 
 
-class PlateauMonitor:
-    """Call `update(value, epoch)` once per epoch; read `improved`, `lr_scale`, `should_stop`."""
+def _check_mode(mode: str) -> str:
+    if mode not in ("max", "min"):
+        raise ValueError(f"monitor mode must be 'max' or 'min', got {mode!r}")
+    return mode
 
-    def __init__(self, mode: str, lr_factor: float, lr_patience: int, stop_patience: int, min_scale: float = 0.0):
-        if mode not in ("max", "min"):
-            raise InputError(f"monitor mode must be 'max' or 'min', got {mode!r}")
-        self.mode, self.lr_factor, self.lr_patience = mode, lr_factor, lr_patience
-        self.stop_patience, self.min_scale = stop_patience, min_scale
-        self.state = MonitorState()
-        self.improved = False
 
-    def _better(self, value: float) -> bool:
-        if math.isnan(self.state.best):
-            return not math.isnan(value)
-        return value > self.state.best if self.mode == "max" else value < self.state.best
+class BestTracker:
+    """The best value of `train.monitor` so far (strictly better wins) and early stopping after `stop_patience`."""
 
-    def update(self, value: float, epoch: int) -> None:
+    def __init__(self, mode: str, stop_patience: int) -> None:
+        self.mode, self.stop_patience = _check_mode(mode), stop_patience
+        self.state = BestState()
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Records one epoch's value; True when it is a new best."""
         state = self.state
-        self.improved = self._better(value)
-        if self.improved:
-            state.best, state.best_epoch = value, epoch
-            state.epochs_since_best = state.epochs_since_lr_change = 0
-            return
-        state.epochs_since_best += 1
-        state.epochs_since_lr_change += 1
-        # torch's ReduceLROnPlateau semantics: reduce once more than `patience` bad epochs have passed.
-        if state.epochs_since_lr_change > self.lr_patience:
-            state.lr_scale = max(state.lr_scale * self.lr_factor, self.min_scale)
-            state.epochs_since_lr_change = 0
+        best = state.best
+        improved = not math.isnan(value) and (
+            math.isnan(best) or (value > best if self.mode == "max" else value < best)
+        )
+        if improved:
+            state.best, state.best_epoch, state.epochs_since_best = value, epoch, 0
+        else:
+            state.epochs_since_best += 1
+        return improved
 
     @property
     def should_stop(self) -> bool:
         return self.stop_patience > 0 and self.state.epochs_since_best >= self.stop_patience
 
-    def state_dict(self) -> dict:
-        return asdict(self.state)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.state = MonitorState(**state)
+class LRPlateau:
+    """torch's ReduceLROnPlateau semantics: after more than `patience` epochs without a relative improvement of
+    PLATEAU_REL_THRESHOLD, the learning rate is multiplied by `factor` (not below `min_scale`); the count restarts."""
+
+    def __init__(self, mode: str, factor: float, patience: int, min_scale: float = 0.0) -> None:
+        self.mode, self.factor, self.patience, self.min_scale = _check_mode(mode), factor, patience, min_scale
+        self.state = PlateauState()
+
+    def _is_better(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        best = self.state.best
+        if math.isnan(best):
+            return True
+        if self.mode == "min":
+            return value < best - abs(best) * PLATEAU_REL_THRESHOLD
+        return value > best + abs(best) * PLATEAU_REL_THRESHOLD
+
+    def update(self, value: float) -> None:
+        state = self.state
+        if self._is_better(value):
+            state.best, state.bad_epochs = value, 0
+            return
+        state.bad_epochs += 1
+        if state.bad_epochs > self.patience:
+            state.lr_scale = max(state.lr_scale * self.factor, self.min_scale)
+            state.bad_epochs = 0
+
+
+class TrainingMonitor:
+    """Both monitors, stepped once per epoch with the validation metrics; one checkpointable state."""
+
+    def __init__(self, best: BestTracker, plateau: LRPlateau, monitor: str, plateau_monitor: str) -> None:
+        self.best, self.plateau = best, plateau
+        self.monitor, self.plateau_monitor = monitor, plateau_monitor
+        self.improved = False
+
+    def update(self, metrics: dict[str, float], epoch: int) -> None:
+        """`metrics`: {"val/…": value}; both monitored names are checked against it before step 0."""
+        self.improved = self.best.update(metrics[self.monitor], epoch)
+        self.plateau.update(metrics[self.plateau_monitor])
+
+    @property
+    def lr_scale(self) -> float:
+        return self.plateau.state.lr_scale
+
+    @property
+    def should_stop(self) -> bool:
+        return self.best.should_stop
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": asdict(self.best.state), "plateau": asdict(self.plateau.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best.state = BestState(**state["best"])
+        self.plateau.state = PlateauState(**state["plateau"])

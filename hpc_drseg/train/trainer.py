@@ -25,10 +25,10 @@ from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader
 from hpc_drseg.data.shards import read_manifest
 from hpc_drseg.errors import InputError
 from hpc_drseg.losses import build_loss
-from hpc_drseg.models import build_model, split_output
+from hpc_drseg.models import build_model, check_initialisation, split_output
 from hpc_drseg.train.checkpoint import Checkpointer, Progress
 from hpc_drseg.train.logs import RunLogger
-from hpc_drseg.train.monitor import PlateauMonitor
+from hpc_drseg.train.monitor import BestTracker, LRPlateau, TrainingMonitor
 from hpc_drseg.train.runtime import (
     build_accelerator,
     configure_deepspeed,
@@ -110,6 +110,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
+        check_initialisation(cfg.model)  # before anything slow: a missing weights file is found in a second
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.accelerator = build_accelerator(cfg.train)
@@ -152,12 +153,16 @@ class Trainer:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.loss_fn = build_loss(cfg.loss).to(acc.device)
-        self.monitor = PlateauMonitor(
-            cfg.train.monitor_mode,
-            cfg.optim.plateau_factor,
-            cfg.optim.plateau_patience,
-            cfg.train.early_stop_patience,
-            min_scale=cfg.optim.min_lr / cfg.optim.lr,
+        self.monitor = TrainingMonitor(
+            best=BestTracker(cfg.train.monitor_mode, cfg.train.early_stop_patience),
+            plateau=LRPlateau(
+                cfg.optim.plateau_mode,
+                factor=cfg.optim.plateau_factor,
+                patience=cfg.optim.plateau_patience,
+                min_scale=cfg.optim.min_lr / cfg.optim.lr,
+            ),
+            monitor=cfg.train.monitor,
+            plateau_monitor=cfg.optim.plateau_monitor,
         )
         self.augment = build_augment(cfg.data.augment, cfg.data.image_px)
         self.steps = self._steps_per_epoch()
@@ -302,7 +307,7 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        return self.cfg.optim.lr * self.monitor.state.lr_scale
+        return self.cfg.optim.lr * self.monitor.lr_scale
 
     def _apply_lr(self) -> None:
         for group in self.optimizer.param_groups:
@@ -311,12 +316,7 @@ class Trainer:
     def end_epoch(self, epoch: int, stats: EpochStats) -> None:
         """Validates, steps the monitor (LR, early stopping), appends the history row and checkpoints."""
         metrics = self.validate()
-        monitored = metrics.get(self.cfg.train.monitor)
-        if monitored is None:
-            raise InputError(
-                f"train.monitor={self.cfg.train.monitor!r} is not a validation quantity; use one of {sorted(metrics)}"
-            )
-        self.monitor.update(monitored, epoch)
+        self.monitor.update(metrics, epoch)
         self._apply_lr()
         row = {"epoch": epoch, "step": self.progress.global_step, "lr": self.lr, **stats.train, **metrics}
         row.update({"epoch_time_s": time.perf_counter() - stats.started, "img_per_s": stats.img_per_s})
@@ -375,7 +375,7 @@ class Trainer:
     def _loop(self) -> Stop:
         while self.progress.epoch < self.cfg.train.max_epochs:
             if self.monitor.should_stop:
-                return Stop.early_stopping(self.cfg.train.monitor, self.monitor.stop_patience)
+                return Stop.early_stopping(self.cfg.train.monitor, self.cfg.train.early_stop_patience)
             epoch = self.progress.epoch
             stats = self.run_epoch(epoch)
             stop = stats.stop

@@ -131,3 +131,15 @@ def test_triton_model_on_cpu_warns_once(monkeypatch):
         model(torch.randn(1, 3, 32, 32))
         model(torch.randn(1, 3, 32, 32))
     assert len([w for w in caught if "falls back to eager" in str(w.message)]) == 1
+
+
+def test_imagenet_init_needs_a_weights_file(tmp_path):
+    from hpc_drseg.errors import DrsegError
+    from hpc_drseg.models.registry import check_initialisation
+
+    with pytest.raises(DrsegError, match="model.init=imagenet needs model.pretrained_path.*model.init=random"):
+        check_initialisation(ModelConfig())
+    with pytest.raises(DrsegError, match="does not exist"):
+        check_initialisation(ModelConfig(pretrained_path=str(tmp_path / "missing.pth")))
+    check_initialisation(ModelConfig(init="random"))
+    check_initialisation(ModelConfig(name="unet"))  # no ImageNet backbone: always random
