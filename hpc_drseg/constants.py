@@ -23,8 +23,6 @@ LESION_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
-# How `drseg shard` stores training images (data/shards.py says why there are two); the first is the default.
-IMAGE_CODECS: tuple[str, ...] = ("png", "npy")
 
 # Exit status of `drseg train` stopped by a signal after writing its checkpoint (EX_TEMPFAIL): "resumable, run me
 # again". slurm/train.sh keeps the literal (a test checks that it matches).

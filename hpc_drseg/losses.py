@@ -10,19 +10,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpc_drseg.config import LossConfig
+from hpc_drseg.config.choices import BOUNDARY_MODES, BoundaryMode
 from hpc_drseg.constants import LESIONS
+from hpc_drseg.errors import InputError
 
 _DEFAULTS = LossConfig()  # paper constants live only in the config dataclass
 TERMS: tuple[str, ...] = ("dice", "bce", "focal", "boundary")
-BoundaryMode = Literal["paper", "edge_emphasis"]
-BOUNDARY_MODES: tuple[str, ...] = ("paper", "edge_emphasis")
 
 # ε inside eq. (6)'s sqrt: a flat region gets ‖∇T‖ = sqrt(ε) = 1e-3, i.e. paper weight exp(−1.5e-3) ≈ 0.9985.
 # (The paper's code used 1e-8, i.e. 1e-4 and a flat weight of 0.99985: a 0.1 % difference in the term.)
@@ -33,7 +33,7 @@ _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 # ------------------------------------------------------------------------------------------------------- helpers
 def _check_pair(logits: Tensor, target: Tensor) -> None:
     if logits.ndim != 4 or logits.shape != target.shape or logits.shape[1] != len(LESIONS):
-        raise ValueError(
+        raise InputError(
             f"loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} must both be "
             f"(B, {len(LESIONS)}, H, W), one channel per lesion {LESIONS}"
         )
@@ -69,7 +69,7 @@ def _pos_weight_tensor(pos_weight: Optional[Sequence[float] | Tensor], like: Ten
         return None
     pw = torch.as_tensor(pos_weight, dtype=torch.float32, device=like.device).flatten()
     if pw.numel() != len(LESIONS) or bool((pw < 0).any()):
-        raise ValueError(
+        raise InputError(
             f"loss.pos_weight: got {pw.tolist()}; give {len(LESIONS)} non-negative values, one per lesion {LESIONS} "
             "(paper code: [4, 1, 1.5, 2])"
         )
@@ -146,7 +146,7 @@ def boundary_weight(
       edges; bounded in [1, 2), so the term's scale stays comparable with BCE whatever θ is.
     """
     if mode not in BOUNDARY_MODES:
-        raise ValueError(f"loss.boundary_mode: got {mode!r}; choose one of {list(BOUNDARY_MODES)}")
+        raise InputError(f"loss.boundary_mode: got {mode!r}; choose one of {list(BOUNDARY_MODES)}")
     decay = torch.exp(-theta * mask_gradient_magnitude(target, eps))
     return decay if mode == "paper" else 2.0 - decay
 
@@ -187,9 +187,9 @@ class CombinedLoss(nn.Module):
     ) -> None:
         super().__init__()
         if set(weights) != set(TERMS):
-            raise ValueError(f"loss.weights: got keys {sorted(weights)}; give exactly {list(TERMS)}")
+            raise InputError(f"loss.weights: got keys {sorted(weights)}; give exactly {list(TERMS)}")
         if boundary_mode not in BOUNDARY_MODES:
-            raise ValueError(f"loss.boundary_mode: got {boundary_mode!r}; choose one of {list(BOUNDARY_MODES)}")
+            raise InputError(f"loss.boundary_mode: got {boundary_mode!r}; choose one of {list(BOUNDARY_MODES)}")
         self.weights = {name: float(weights[name]) for name in TERMS}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.boundary_theta, self.boundary_mode = boundary_theta, boundary_mode
@@ -230,7 +230,7 @@ class CombinedLoss(nn.Module):
 def _resize_aux(aux_logits: Tensor, target: Tensor) -> Tensor:
     """Aux-head logits (B, 4, h, w) → fp32 at the target's H×W (bilinear), as the main head's output."""
     if aux_logits.ndim != 4 or aux_logits.shape[:2] != target.shape[:2]:
-        raise ValueError(
+        raise InputError(
             f"loss: aux_logits {tuple(aux_logits.shape)} must be (B, {len(LESIONS)}, h, w) with the batch and "
             f"channels of target {tuple(target.shape)}"
         )

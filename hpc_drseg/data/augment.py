@@ -22,9 +22,6 @@ import torch  # noqa: E402
 
 from hpc_drseg.config import AugmentConfig  # noqa: E402
 from hpc_drseg.constants import LESIONS  # noqa: E402
-
-# normalize lived here before data/normalize.py; re-exported for code that still imports it from augment.
-from hpc_drseg.data.normalize import normalize as normalize  # noqa: E402
 from hpc_drseg.errors import InputError  # noqa: E402
 
 # The paper's probability per transform. OneOf members keep theirs as selection weights: OneOf normalises them and then

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from hpc_drseg.config import AugmentConfig
+from hpc_drseg.config.choices import AUGMENT_PRESETS
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.augment import Augment, build_augment
 from hpc_drseg.errors import InputError, MissingError
 
 GOAL_PER_CORE = 60.0  # samples/s per core for the paper preset at 512² (16 cores × 60 ≈ 1000/s)
-PRESETS = ("paper", "light", "none")
 _TEST_IMAGES = 4  # distinct synthetic images cycled through, so no single image's content decides the figure
 
 
@@ -192,14 +192,14 @@ def benchmark_data(
         raise InputError(f"--seconds: got {seconds}; it must be > 0")
     if any(w < 0 for w in workers):
         raise InputError(f"--workers: got {workers}; worker counts must be >= 0 (0 = main process)")
-    if preset not in PRESETS:
-        raise InputError(f"--preset: got {preset!r}; choose one of {list(PRESETS)}")
+    if preset not in AUGMENT_PRESETS:
+        raise InputError(f"--preset: got {preset!r}; choose one of {list(AUGMENT_PRESETS)}")
     if shards_dir is not None and not Path(shards_dir).is_dir():
         raise MissingError(f"--shards {shards_dir}: no such folder; run `drseg shard` first or leave it out")
     samples = make_test_samples(image_px)
     rows: list[dict[str, Any]] = []
     with _one_thread():
-        rows += [bench_augment(name, samples, seconds) for name in PRESETS]
+        rows += [bench_augment(name, samples, seconds) for name in AUGMENT_PRESETS]
         rows.append(bench_augment("paper", samples, seconds, stock=True))
         rows += profile_transforms(samples, max(seconds / 4, 0.2))
         if shards_dir is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hpc_drseg.constants import IMAGE_CODECS
+from hpc_drseg.config.choices import IMAGE_CODECS
 from hpc_drseg.data.shards import (
     decode_image,
     decode_png,

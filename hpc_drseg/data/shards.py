@@ -26,8 +26,10 @@ from tqdm import tqdm
 
 from hpc_drseg import __version__
 from hpc_drseg.atomic import replace_folder
-from hpc_drseg.constants import IMAGE_CODECS, LESIONS
+from hpc_drseg.config.choices import IMAGE_CODECS
+from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, read_sample, resolve_root
+from hpc_drseg.errors import ExistsError, InputError, MissingError
 from hpc_drseg.host import usable_cores
 
 log = logging.getLogger(__name__)
@@ -102,9 +104,9 @@ _UNPACK_TABLE = np.array([[(value >> bit) & 1 for bit in range(4)] for value in 
 def unpack_masks(packed: np.ndarray, channels_first: bool = False, name: str = "mask") -> np.ndarray:
     """(H, W) uint8 → (H, W, 4) uint8 0/1, the inverse of pack_masks; (4, H, W) with `channels_first`."""
     if packed.dtype != np.uint8 or packed.ndim != 2:
-        raise ValueError(f"{name}: a packed mask is (H, W) uint8; got {packed.shape} {packed.dtype}; re-shard")
+        raise InputError(f"{name}: a packed mask is (H, W) uint8; got {packed.shape} {packed.dtype}; re-shard")
     if packed.size and packed.max() > 15:
-        raise ValueError(f"{name}: packed mask values must be 0..15 (4 lesion bits), got {packed.max()}; re-shard")
+        raise InputError(f"{name}: packed mask values must be 0..15 (4 lesion bits), got {packed.max()}; re-shard")
     if channels_first:
         return np.take(_UNPACK_TABLE.T, packed, axis=1)
     return np.take(_UNPACK_TABLE, packed, axis=0)
@@ -130,7 +132,7 @@ def decode_png(data: bytes, name: str) -> np.ndarray:
     """PNG bytes → (H, W) uint8 or (H, W, 3) RGB uint8, values unchanged (never expands gray masks to 3 channels)."""
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None:
-        raise ValueError(f"{name}: corrupt PNG in the shard; re-run `drseg shard --overwrite`")
+        raise InputError(f"{name}: corrupt PNG in the shard; re-run `drseg shard --overwrite`")
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB) if array.ndim == 3 else array
 
 
@@ -163,9 +165,9 @@ def decode_image(data: bytes, codec: str, name: str) -> np.ndarray:
         try:
             image = np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise ValueError(f"{name}: corrupt .npy in the shard ({exc}); re-run `drseg shard --overwrite`") from exc
+            raise InputError(f"{name}: corrupt .npy in the shard ({exc}); re-run `drseg shard --overwrite`") from exc
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{name}: expected an RGB uint8 image, got {image.shape} {image.dtype}; re-shard")
+        raise InputError(f"{name}: expected an RGB uint8 image, got {image.shape} {image.dtype}; re-shard")
     return image
 
 
@@ -277,7 +279,7 @@ def _collect(ddr_root: Path, allow_missing_masks: bool) -> dict[str, list[Sample
     samples = {split: find_samples(ddr_root, split, allow_missing_masks) for split in available_splits(ddr_root)}
     for files in (f for split_files in samples.values() for f in split_files):
         if "." in files.id:
-            raise ValueError(
+            raise InputError(
                 f"image {files.image}: its id '{files.id}' holds a '.', which WebDataset reads as an extension "
                 "separator; rename the image and its masks without dots"
             )
@@ -286,13 +288,13 @@ def _collect(ddr_root: Path, allow_missing_masks: bool) -> dict[str, list[Sample
 
 def _check_args(out: Path, image_px: int, samples_per_shard: int, overwrite: bool, image_codec: str) -> None:
     if image_codec not in IMAGE_CODECS:
-        raise ValueError(f"image_codec: got {image_codec!r}; choose one of {list(IMAGE_CODECS)} (CLI: --image-codec)")
+        raise InputError(f"image_codec: got {image_codec!r}; choose one of {list(IMAGE_CODECS)} (CLI: --image-codec)")
     if image_px <= 0 or image_px % 32:
-        raise ValueError(f"image_px: got {image_px}; it must be a positive multiple of 32 (e.g. 256, 512, 1024)")
+        raise InputError(f"image_px: got {image_px}; it must be a positive multiple of 32 (e.g. 256, 512, 1024)")
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard: got {samples_per_shard}; it must be >= 1")
+        raise InputError(f"samples_per_shard: got {samples_per_shard}; it must be >= 1")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise ExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
 
 
 def write_shards(
@@ -386,18 +388,18 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
     """Loads and checks `shards_dir/manifest.json`."""
     path = Path(shards_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingError(
             f"{path} not found: {shards_dir} is not a shard folder; run `drseg shard --ddr-root DIR --out "
             f"{shards_dir}` first"
         )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); re-run `drseg shard --overwrite`") from exc
+        raise InputError(f"{path} is not valid JSON ({exc}); re-run `drseg shard --overwrite`") from exc
     if not isinstance(manifest, dict) or manifest.get("tool") != "hpc_drseg" or "splits" not in manifest:
-        raise ValueError(f"{path} was not written by `drseg shard`; re-run `drseg shard --overwrite`")
+        raise InputError(f"{path} was not written by `drseg shard`; re-run `drseg shard --overwrite`")
     if manifest.get("format") != FORMAT or manifest.get("lesions") != list(LESIONS):
-        raise ValueError(
+        raise InputError(
             f"{path}: shard format {manifest.get('format')} with lesions {manifest.get('lesions')} does not match "
             f"this hpc_drseg ({FORMAT}, {list(LESIONS)}); re-run `drseg shard --overwrite`"
         )
@@ -407,7 +409,7 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
 def split_info(manifest: dict[str, Any], split: str, shards_dir: str | Path = "") -> dict[str, Any]:
     """The manifest entry of `split`, with an error that lists the available splits."""
     if split not in manifest["splits"]:
-        raise ValueError(
+        raise InputError(
             f"split '{split}' is not in the shards {shards_dir}; available: {sorted(manifest['splits'])} "
             "(check data.train_split / data.val_split / eval.split)"
         )
@@ -420,7 +422,7 @@ def shard_groups(shards_dir: str | Path, info: dict[str, Any]) -> list[tuple[Pat
     for name, size in zip(info["shards"], info["shard_sizes"]):
         path = Path(shards_dir) / name
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingError(
                 f"shard {path} listed in {Path(shards_dir) / MANIFEST} is missing; re-run `drseg shard --overwrite`"
             )
         groups.append((path, info["ids"][start : start + size]))
@@ -443,6 +445,6 @@ def iter_shard_samples(path: Path) -> Iterator[dict[str, Any]]:
                 sample.setdefault("__key__", key)
                 sample[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ValueError(f"shard {path} is unreadable or truncated ({exc}); re-run `drseg shard --overwrite`") from exc
+        raise InputError(f"shard {path} is unreadable or truncated ({exc}); re-run `drseg shard --overwrite`") from exc
     if sample:
         yield sample

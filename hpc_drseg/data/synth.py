@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from hpc_drseg.atomic import replace_folder
 from hpc_drseg.constants import LESIONS, SPLITS
+from hpc_drseg.errors import ExistsError, InputError
 from hpc_drseg.host import usable_cores
 
 DDR_COUNTS: dict[str, int] = {"train": 383, "valid": 149, "test": 225}
@@ -380,7 +381,7 @@ def _expose(rng: np.random.Generator, image: np.ndarray, eye: _Eye, d2: np.ndarr
 def render_fundus(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One synthetic fundus photo: RGB uint8 (H, W, 3) and {lesion: uint8 (H, W) mask of 0/255} for every lesion."""
     if min(height, width) < MIN_SIDE_PX:
-        raise ValueError(f"render_fundus: got {height}x{width} px; both sides must be >= {MIN_SIDE_PX}")
+        raise InputError(f"render_fundus: got {height}x{width} px; both sides must be >= {MIN_SIDE_PX}")
     eye = _draw_eye(rng, height, width)
     image = _background(rng, eye)
     _paint_disc_and_macula(rng, image, eye)
@@ -484,18 +485,18 @@ def _check_args(counts: Mapping[str, int] | None, size_px: int, seed: int, worke
     counts = dict(DDR_COUNTS if counts is None else counts)
     unknown = sorted(set(counts) - set(SPLITS))
     if unknown:
-        raise ValueError(f"counts: unknown split(s) {unknown}; use {list(SPLITS)}")
+        raise InputError(f"counts: unknown split(s) {unknown}; use {list(SPLITS)}")
     bad = {k: v for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
     if bad:
-        raise ValueError(f"counts: {bad}; each count must be an integer >= 0")
+        raise InputError(f"counts: {bad}; each count must be an integer >= 0")
     if sum(counts.values()) == 0:
-        raise ValueError(f"counts: {counts}; at least one split needs images (e.g. --train 8)")
+        raise InputError(f"counts: {counts}; at least one split needs images (e.g. --train 8)")
     if size_px < MIN_SIDE_PX / 0.85:
-        raise ValueError(f"size_px: got {size_px}; it must be >= {math.ceil(MIN_SIDE_PX / 0.85)} (sides vary ±15%)")
+        raise InputError(f"size_px: got {size_px}; it must be >= {math.ceil(MIN_SIDE_PX / 0.85)} (sides vary ±15%)")
     if seed < 0:
-        raise ValueError(f"seed: got {seed}; it must be >= 0")
+        raise InputError(f"seed: got {seed}; it must be >= 0")
     if workers is not None and workers < 1:
-        raise ValueError(f"workers: got {workers}; it must be >= 1 (or None for all available cores)")
+        raise InputError(f"workers: got {workers}; it must be >= 1 (or None for all available cores)")
     return {split: n for split, n in counts.items() if n > 0}
 
 
@@ -516,7 +517,7 @@ def write_synthetic_ddr(
     counts = _check_args(counts, size_px, seed, workers)
     out = Path(out)
     if os.path.lexists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise ExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     try:

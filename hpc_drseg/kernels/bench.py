@@ -18,7 +18,7 @@ from hpc_drseg.constants import LESIONS
 from hpc_drseg.errors import InputError
 from hpc_drseg.losses import build_loss
 from hpc_drseg.models import CBAM, build_model
-from hpc_drseg.models.cbam import IMPLS, active_impl, cbam_eager, cbam_forward, triton_unavailable_reason
+from hpc_drseg.models.cbam import CBAM_IMPLS, active_impl, cbam_eager, cbam_forward, triton_unavailable_reason
 
 # (C, H, W) of the two CBAM sites at 512² input: after ASPP at output stride 32 and 16, after the low-level projection
 PAPER_SHAPES: tuple[tuple[int, int, int], ...] = ((256, 16, 16), (256, 32, 32), (48, 128, 128))
@@ -46,7 +46,7 @@ def benchmark_cbam(
     batch_sizes: Sequence[int] = PAPER_BATCH_SIZES,
     dtype: torch.dtype | str = torch.bfloat16,
     channels_last: bool = True,
-    impls: Sequence[str] = IMPLS,
+    impls: Sequence[str] = CBAM_IMPLS,
     *,
     warmup: int = 10,
     iters: int = 50,
@@ -70,9 +70,9 @@ def benchmark_cbam(
     configured loss.
     """
     dev, dtype = _resolve_device(device), _resolve_dtype(dtype)
-    unknown = sorted(set(impls) - set(IMPLS))
+    unknown = sorted(set(impls) - set(CBAM_IMPLS))
     if unknown:
-        raise InputError(f"bench cbam: unknown impls {unknown}; choose from {list(IMPLS)}")
+        raise InputError(f"bench cbam: unknown impls {unknown}; choose from {list(CBAM_IMPLS)}")
     if dev.type != "cuda":
         log("bench cbam: no CUDA device — host-clock timings on CPU, impl=triton skipped; not the GPU figures")
     copy = _copy_row(dev, warmup, iters)

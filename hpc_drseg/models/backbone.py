@@ -7,14 +7,12 @@ the state-dict key format matters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from hpc_drseg.config.choices import BackboneName
 from hpc_drseg.errors import InputError, MissingError
-
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
 # (block type, blocks per stage) as in torchvision.models.resnet
 _LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {

@@ -14,16 +14,13 @@ import sys
 import warnings
 from collections.abc import Callable
 from types import ModuleType
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpc_drseg.config.choices import CBAM_IMPLS, CBAMImpl
 from hpc_drseg.errors import InputError
-
-CBAMImpl = Literal["eager", "compile", "triton"]
-IMPLS: tuple[str, ...] = ("eager", "compile", "triton")
 
 # Contract of the fused kernel module: `cbam_forward(x, w_fc1, w_fc2, w_spatial) -> Tensor`, differentiable w.r.t.
 # all four inputs, same shapes, dtype rule (fp32 arithmetic, x's dtype out) and result as `cbam_eager`; optionally
@@ -137,12 +134,12 @@ def _compiled() -> Callable[..., Tensor]:
 
 
 def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
+    if impl not in CBAM_IMPLS:
         raise _bad_impl(impl)
 
 
 def _bad_impl(impl: str) -> InputError:
-    return InputError(f"CBAM impl: got {impl!r}; choose one of {list(IMPLS)}")
+    return InputError(f"CBAM impl: got {impl!r}; choose one of {list(CBAM_IMPLS)}")
 
 
 def _warn_fallback(reason: str) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from hpc_drseg.config.choices import CBAM_SITES
+from hpc_drseg.config.choices import CBAM_SITES, BackboneName
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.errors import InputError
 from hpc_drseg.models.aspp import ASPP, conv3x3_bn_relu, upsample_to
-from hpc_drseg.models.backbone import BackboneName, build_backbone, check_divisible
+from hpc_drseg.models.backbone import build_backbone, check_divisible
 from hpc_drseg.models.cbam import CBAM, CBAMImpl
 
 

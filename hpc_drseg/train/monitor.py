@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from hpc_drseg.config.choices import MONITOR_MODES
+
 # torch.optim.lr_scheduler.ReduceLROnPlateau's defaults, which the paper's code used: an epoch counts as an
 # improvement only when it beats the best by more than this fraction of it (threshold_mode "rel").
 PLATEAU_REL_THRESHOLD = 1e-4
@@ -32,8 +34,8 @@ class PlateauState:
 
 
 def _check_mode(mode: str) -> str:
-    if mode not in ("max", "min"):
-        raise ValueError(f"monitor mode must be 'max' or 'min', got {mode!r}")
+    if mode not in MONITOR_MODES:
+        raise ValueError(f"monitor mode must be one of {MONITOR_MODES}, got {mode!r}")
     return mode
 
 

@@ -25,9 +25,9 @@ from hpc_drseg.data.augment import (
     RandomRotate90CV,
     build_augment,
     low_rank_blur_factors,
-    normalize,
     seed_augment,
 )
+from hpc_drseg.data.normalize import normalize
 
 PX = 128  # small images keep the file fast; no transform parameter depends on the side except elastic (scaled)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hpc_drseg.config.choices import CBAM_IMPLS
 from hpc_drseg.models import CBAM
 from hpc_drseg.models import cbam as cbam_module
 from hpc_drseg.models.cbam import cbam_eager, cbam_forward
@@ -148,9 +149,7 @@ def test_module_eager_composes_submodules_and_matches_cbam_eager(channels_last, 
 
 
 def test_state_dict_identical_across_impls():
-    keys = {
-        impl: {k: tuple(v.shape) for k, v in CBAM(256, impl=impl).state_dict().items()} for impl in cbam_module.IMPLS
-    }
+    keys = {impl: {k: tuple(v.shape) for k, v in CBAM(256, impl=impl).state_dict().items()} for impl in CBAM_IMPLS}
     assert keys["eager"] == keys["compile"] == keys["triton"]
     donor = CBAM(256, impl="eager")
     CBAM(256, impl="compile").load_state_dict(donor.state_dict(), strict=True)
