@@ -19,7 +19,7 @@ from hpc_drseg.config import RunConfig, config_from_dict, load_config
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.pipeline import EvalLoader, build_eval_loader
 from hpc_drseg.errors import MissingError
-from hpc_drseg.metrics import histogram_pr_points
+from hpc_drseg.metrics import PR_CURVE_POINTS, histogram_pr_points
 from hpc_drseg.models import build_model
 from hpc_drseg.train import checkpoint as ckpt
 from hpc_drseg.train.runtime import build_accelerator
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hpc_drseg.evaluate")
 
-PR_CURVE_POINTS = tuple(i / 100 for i in range(101))
 
 
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
@@ -109,7 +108,7 @@ def _eval_loader(cfg: RunConfig, split: str, accelerator: Accelerator, with_nati
 
 def _pr_curves(standard) -> dict[str, dict[str, list[float]]]:
     """Precision/recall at 101 thresholds per lesion, from the summed score histograms."""
-    precision, recall = histogram_pr_points(standard.state_tensors()["hist"].cpu(), PR_CURVE_POINTS)
+    precision, recall = histogram_pr_points(standard.state_tensors()["hist"].cpu(), standard.grid, PR_CURVE_POINTS)
     return {
         lesion: {"precision": precision[i].tolist(), "recall": recall[i].tolist()} for i, lesion in enumerate(LESIONS)
     }

@@ -20,7 +20,7 @@ from hpc_drseg.train.trainer import train
 REPO = Path(__file__).resolve().parents[1]
 # The fixture's test split has 4 images in shards of 2: batches of 3 straddle a shard boundary ([3, 1]), which a
 # loader that batched within each worker's or rank's shards would turn into [2, 2].
-BATCHES_OF_3 = ["eval.batch_size=3", "eval.histogram_bins=1000"]
+BATCHES_OF_3 = ["eval.batch_size=3", "eval.score_bits=8"]
 
 
 @pytest.fixture(scope="module")

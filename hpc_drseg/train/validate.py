@@ -46,7 +46,7 @@ def collect_metrics(
     """Runs the model over this rank's batches; returns metric objects already summed over ranks and the mean loss."""
     device = accelerator.device
     paper = PaperMetrics(threshold=cfg.eval.threshold)
-    standard = StandardMetrics(threshold=cfg.eval.threshold, bins=cfg.eval.histogram_bins)
+    standard = StandardMetrics(threshold=cfg.eval.threshold, score_bits=cfg.eval.score_bits)
     paper.to(device), standard.to(device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of batch losses, batches)
     was_training = model.training

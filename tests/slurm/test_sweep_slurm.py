@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
-TINY = ["model.name=unet", "model.unet_base_width=8", "train.max_epochs=1", "eval.histogram_bins=1000"]
+TINY = ["model.name=unet", "model.unet_base_width=8", "train.max_epochs=1", "eval.score_bits=8"]
 # The local cluster has no GPUs and 2 CPUs per node: one CPU per member.
 # The array runs 2 members at a time, which leaves room for the crash and preemption sweeps beside it.
 EXECUTOR = {

@@ -31,7 +31,7 @@ def tiny_overrides(shards: Path, steps_per_epoch: int = 1) -> list[str]:
         f"data.shards={shards}",
         f"train.steps_per_epoch={steps_per_epoch}",
         "train.max_epochs=1",
-        "eval.histogram_bins=1000",
+        "eval.score_bits=8",
     ]
 
 

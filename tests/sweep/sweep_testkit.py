@@ -14,7 +14,7 @@ TINY = [
     "model.unet_base_width=8",
     "train.steps_per_epoch=1",
     "train.max_epochs=1",
-    "eval.histogram_bins=1000",
+    "eval.score_bits=8",
 ]
 
 

@@ -15,7 +15,7 @@ DEBUG_YAML = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
 @pytest.mark.parametrize("with_shards", [True, False], ids=["configured-shards", "synthetic-fallback"])
 def test_bench_train_reports_figures(shards_dir, tmp_path, with_shards):
     shards = shards_dir if with_shards else tmp_path / "no-shards-here"
-    cfg = load_config(DEBUG_YAML, [f"data.shards={shards}", "eval.histogram_bins=1000"])
+    cfg = load_config(DEBUG_YAML, [f"data.shards={shards}", "eval.score_bits=8"])
     lines: list[str] = []
     result = benchmark_train(cfg, steps=2, warmup=1, log=lines.append)
     assert result["device"] == "cpu" and result["processes"] == 1 and result["cbam_impl"] == "eager"

@@ -21,7 +21,7 @@ from hpc_drseg.train.trainer import Trainer, train
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
 # Small enough for 2 cores: ResNet-18 Attention-DeepLab at the fixture shards' 128 px, 3 steps an epoch.
-TINY = ["train.steps_per_epoch=3", "data.augment.preset=paper", "eval.histogram_bins=1000"]
+TINY = ["train.steps_per_epoch=3", "data.augment.preset=paper", "eval.score_bits=8"]
 
 
 def overrides(shards_dir: Path, run_dir: Path, *extra: str) -> list[str]:
