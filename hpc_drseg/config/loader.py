@@ -19,6 +19,7 @@ import yaml
 from hpc_drseg.atomic import atomic_write_text
 from hpc_drseg.config.checks import ConfigError
 from hpc_drseg.config.schema import RunConfig
+from hpc_drseg.config.yamlio import load_yaml
 from hpc_drseg.errors import MissingError
 
 
@@ -111,12 +112,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key or key.startswith(".") or key.endswith("."):
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. optim.lr=3e-4)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or "not valid YAML"
+            value = load_yaml(raw, "value") if raw != "" else ""
+        except ConfigError as exc:
             raise ConfigError(
-                f"override '{item}': the value is not valid YAML ({problem}); quote strings and close brackets, "
-                "e.g. model.cbam.sites=[aspp]"
+                f"override '{item}': {exc}; quote strings and close brackets, e.g. model.cbam.sites=[aspp]"
             ) from exc
         if isinstance(value, str) and _looks_like_float(value):
             value = float(value)  # PyYAML 1.1 reads '3e-4' as a string
@@ -143,11 +142,10 @@ def read_yaml(path: Path, schema: type) -> dict[str, Any]:
     if not path.is_file():
         raise MissingError(f"config file {path} does not exist; see configs/ for the shipped ones")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file ({exc}); save it as UTF-8 YAML") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    loaded = load_yaml(text, str(path))
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
