@@ -22,14 +22,13 @@ from hpc_drseg.errors import MissingError
 from hpc_drseg.metrics import PR_CURVE_POINTS, histogram_pr_points
 from hpc_drseg.models import build_model
 from hpc_drseg.train import checkpoint as ckpt
-from hpc_drseg.train.runtime import build_accelerator
+from hpc_drseg.train.runtime import build_accelerator, shut_down
 from hpc_drseg.train.validate import collect_metrics
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 log = logging.getLogger("hpc_drseg.evaluate")
-
 
 
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
@@ -89,7 +88,7 @@ def evaluate_run(
         result["pr_curves"] = _pr_curves(standard)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / f"eval_{split}.json", result)
-    accelerator.end_training()
+    shut_down(accelerator)
     return result
 
 

@@ -21,6 +21,7 @@ from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.pipeline import Batch
 from hpc_drseg.errors import InputError
 from hpc_drseg.models import describe_model
+from hpc_drseg.train.runtime import shut_down
 from hpc_drseg.train.trainer import Trainer
 
 _SYNTHETIC_IMAGES_MAX = 256
@@ -98,7 +99,7 @@ def benchmark_train(cfg: RunConfig, steps: int = 20, warmup: int = 3, log: Calla
             result = _summary(cfg, trainer, no_loader, with_loader, data_source)
         finally:
             trainer.logger.close()
-            trainer.accelerator.end_training()
+            shut_down(trainer.accelerator)
     log(format_result(result))
     return result
 

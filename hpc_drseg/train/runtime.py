@@ -74,3 +74,12 @@ def set_debug_mode() -> None:
 def model_input_dtype(model: torch.nn.Module) -> torch.dtype:
     """DeepSpeed bf16/fp16 casts the weights themselves (no autocast): inputs must then match them."""
     return next(model.parameters()).dtype
+
+
+def shut_down(accelerator: Accelerator) -> None:
+    """Ends a run deterministically before the interpreter exits: trackers first, then the process group. Left to
+    interpreter shutdown, the process group's communication threads can be destroyed while still joinable, which
+    aborts a rank that finished its work ("terminate called without an active exception", SIGABRT)."""
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
