@@ -23,6 +23,7 @@ from hpc_drseg.config.choices import (
     EVAL_PROTOCOLS,
     EXECUTOR_KINDS,
     IMAGE_CODECS,
+    MASK_RESIZE_RULES,
 )
 from hpc_drseg.constants import SPLITS
 from hpc_drseg.errors import DrsegError, InputError
@@ -110,11 +111,12 @@ def cmd_shard(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.quiet,
         image_codec=args.image_codec,
+        mask_resize=args.mask_resize,
     )
     for split, info in manifest["splits"].items():
         lesions = " ".join(f"{k}={v}" for k, v in info["lesion_images"].items())
         print(f"{split:>5}: {info['images']:4d} images in {len(info['shards'])} shards; images with lesion: {lesions}")
-    print(f"shards written to {args.out} (manifest.json)")
+    print(f"masks resized by rule '{manifest['mask_resize']}'; shards written to {args.out} (manifest.json)")
     return 0
 
 
@@ -131,6 +133,14 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         default=IMAGE_CODECS[0],
         choices=IMAGE_CODECS,
         help="training images as PNG (default, 2.4x smaller) or raw .npy (decode ~40x cheaper; for CPU-bound nodes)",
+    )
+    p.add_argument(
+        "--mask-resize",
+        default=MASK_RESIZE_RULES[0],
+        choices=MASK_RESIZE_RULES,
+        help="how masks shrink to --image-px: nearest (default, the paper code's; lesion area kept on average), area "
+        "(lesion where it covers >= half a target pixel), any (lesion where any source pixel is: keeps every "
+        "microaneurysm but inflates lesion area, MA x2-3); compare them with `drseg bench masks`",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -277,6 +287,13 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_masks(args: argparse.Namespace) -> int:
+    from hpc_drseg.data.bench import format_mask_resize_table, mask_resize_table
+
+    print(format_mask_resize_table(mask_resize_table(args.ddr_root, args.image_px)))
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from hpc_drseg.train.bench import benchmark_train
 
@@ -320,6 +337,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--seconds", type=float, default=10.0, help="measuring time per setting (default 10)")
     data.add_argument("--image-px", type=int, default=512, help="side of the augment-only measurement (default 512)")
     data.add_argument("--preset", default="paper", choices=AUGMENT_PRESETS, help="augmentation preset")
+
+    masks = _command(
+        kinds, "masks", cmd_bench_masks, help="lesion area and microaneurysms kept by each --mask-resize rule"
+    )
+    masks.add_argument("--ddr-root", required=True, help="DDR tree (real or from drseg synth) to measure")
+    masks.add_argument("--image-px", type=int, default=512, help="side the masks are resized to (default 512)")
 
     train = _command(kinds, "train", cmd_bench_train, help="training step img/s, TFLOP/s, peak memory")
     _add_config_args(train)

@@ -15,7 +15,7 @@ import yaml
 
 from hpc_drseg.atomic import atomic_write_text, atomic_writer
 from hpc_drseg.constants import LESION_COLOURS, LESION_NAMES, LESIONS
-from hpc_drseg.errors import InputError, MissingError
+from hpc_drseg.errors import DrsegError, InputError, MissingError
 
 MODEL_LABELS = {"attention_deeplab": "Attention-DeepLab", "deeplabv3plus": "DeepLab-V3+", "unet": "U-Net"}
 
@@ -330,7 +330,7 @@ def _protocol_markdown(protocol: str, columns: dict[str, Optional[dict]], bold_b
 
 def _header_markdown(run_dir: Path, name: str, model: Optional[str], evals: dict[str, dict[str, Any]]) -> str:
     model_text = f"{MODEL_LABELS[model]} (`{model}`)" if model else "unknown (RUN/config.yaml missing or unreadable)"
-    lines = [f"# Run report: {name}", "", f"- run: `{run_dir}`", f"- model: {model_text}"]
+    lines = [f"# Run report: {name}", "", f"- run: `{run_dir}`", f"- model: {model_text}", _mask_resize_line(run_dir)]
     for split, content in evals.items():
         lines.append(
             f"- split `{split}`: checkpoint `{content.get('checkpoint', 'n/a')}`, epoch {content.get('epoch', 'n/a')}, "
@@ -339,6 +339,19 @@ def _header_markdown(run_dir: Path, name: str, model: Optional[str], evals: dict
     if not model:
         lines.append("- no paper Table I reference column: the model is unknown")
     return "\n".join(lines) + "\n\n## Evaluation (Table I layout)"
+
+
+def _mask_resize_line(run_dir: Path) -> str:
+    """Which rule shrank the training masks (it changes lesion area in the targets), from the manifest of the run's
+    data.shards; "unknown" when the config or the manifest cannot be read."""
+    from hpc_drseg.data.shards import mask_resize_rule, read_manifest
+
+    shards = (_run_config(run_dir).get("data") or {}).get("shards")
+    try:
+        rule = f"`{mask_resize_rule(read_manifest(shards))}`" if shards else None
+    except (DrsegError, OSError, TypeError):  # TypeError: data.shards is not a path in a hand-edited config
+        rule = None
+    return f"- mask resize rule of the shards: {rule or 'unknown'} (`data.shards`: `{shards or 'n/a'}`)"
 
 
 def _plots_markdown(run_dir: Path, plots: dict[str, tuple[Optional[Path], str]]) -> str:

@@ -54,6 +54,10 @@ CHECKPOINT_CHOICES: tuple[str, ...] = get_args(CheckpointChoice)
 ImageCodec = Literal["png", "npy"]
 IMAGE_CODECS: tuple[str, ...] = get_args(ImageCodec)
 
+# How `drseg shard` shrinks masks; the first is the default (data/shards.py resize_mask defines each rule).
+MaskResize = Literal["nearest", "area", "any"]
+MASK_RESIZE_RULES: tuple[str, ...] = get_args(MaskResize)
+
 ExecutorKind = Literal["slurm", "local", "debug"]
 EXECUTOR_KINDS: tuple[str, ...] = get_args(ExecutorKind)
 

@@ -1,4 +1,5 @@
-"""`drseg bench data`: how many augmented training samples per second the CPUs deliver (a benchmark, not a test).
+"""`drseg bench data`: how many augmented training samples per second the CPUs deliver (a benchmark, not a test);
+`drseg bench masks`: what each mask-resize rule of `drseg shard` does to lesion area and microaneurysms.
 
 Layers: (a) augmentation alone per image on one core, per preset, plus what each paper transform costs when it fires
 and on average; (b) the whole train loader (shard read + PNG decode + augment + collate) for 1..N workers.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,11 +20,14 @@ import numpy as np
 import torch
 
 from hpc_drseg.config import AugmentConfig
-from hpc_drseg.config.choices import AUGMENT_PRESETS
+from hpc_drseg.config.choices import AUGMENT_PRESETS, MASK_RESIZE_RULES
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.augment import Augment, build_augment
 from hpc_drseg.errors import InputError, MissingError
 
+# Lesion area after resizing, as a multiple of the area-true value, that the default mask-resize rule must stay within
+# for every lesion type (checked by `drseg bench masks` and the tests).
+AREA_RATIO_BOUNDS = (0.75, 1.33)
 GOAL_PER_CORE = 60.0  # samples/s per core for the paper preset at 512² (16 cores × 60 ≈ 1000/s)
 _TEST_IMAGES = 4  # distinct synthetic images cycled through, so no single image's content decides the figure
 
@@ -254,3 +258,89 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
             f"({top['ms_per_sample']:.1f} ms when it fires, p={top['p']:.3f})"
         )
     return out
+
+
+# ------------------------------------------------------------------------------------------------- mask resizing
+def mask_resize_stats(
+    masks: Iterable[np.ndarray], image_px: int, rules: tuple[str, ...] = MASK_RESIZE_RULES
+) -> list[dict[str, Any]]:
+    """Per rule: each lesion's area after resizing to image_px² relative to its area-true value, and how many
+    microaneurysms survive, over native (H, W, 4) 0/1 masks in LESIONS order.
+
+    area_ratio[lesion] = Σ resized lesion px × (H·W / image_px²) ÷ Σ native lesion px (NaN without lesion pixels).
+    A microaneurysm is a connected component of the native MA mask (8-connectivity); it survives when a target pixel
+    whose footprint holds the centre of one of its pixels is MA, i.e. the MA mask still marks where it was (found by
+    mapping the resized mask back to native size with centre-aligned nearest).
+    """
+    from hpc_drseg.data.shards import resize_mask
+
+    ma = LESIONS.index("MA")
+    native = np.zeros(len(LESIONS))
+    scaled = {rule: np.zeros(len(LESIONS)) for rule in rules}
+    kept = dict.fromkeys(rules, 0)
+    components = images = 0
+    for mask in masks:
+        height, width = mask.shape[:2]
+        images += 1
+        native += mask.reshape(-1, len(LESIONS)).sum(axis=0)
+        count, labels = cv2.connectedComponents(np.ascontiguousarray(mask[..., ma]), connectivity=8)
+        components += count - 1
+        for rule in rules:
+            small = resize_mask(mask, image_px, rule)
+            scaled[rule] += small.reshape(-1, len(LESIONS)).sum(axis=0) * (height * width / image_px**2)
+            back = cv2.resize(small[..., ma], (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+            kept[rule] += len(np.unique(labels[(back > 0) & (labels > 0)]))
+    rows = []
+    for rule in rules:
+        ratios = {
+            lesion: float(scaled[rule][i] / native[i]) if native[i] else float("nan")
+            for i, lesion in enumerate(LESIONS)
+        }
+        rows.append(
+            {
+                "rule": rule,
+                "image_px": image_px,
+                "images": images,
+                "area_ratio": ratios,
+                "ma_components": components,
+                "ma_kept": kept[rule],
+                "ma_kept_fraction": kept[rule] / components if components else float("nan"),
+            }
+        )
+    return rows
+
+
+def mask_resize_table(ddr_root: str | Path, image_px: int = 512) -> list[dict[str, Any]]:
+    """`mask_resize_stats` over every sample of every split of a DDR tree (real or synthetic)."""
+    from hpc_drseg.data.ddr import available_splits, find_samples, read_sample
+
+    if image_px <= 0:
+        raise InputError(f"--image-px: got {image_px}; it must be a positive number of pixels (e.g. 512)")
+    files = [f for split in available_splits(ddr_root) for f in find_samples(ddr_root, split)]
+    if not files:
+        raise MissingError(f"--ddr-root {ddr_root}: the DDR tree holds no images")
+    return mask_resize_stats((read_sample(f).masks for f in files), image_px)
+
+
+def format_mask_resize_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of `mask_resize_stats` rows, with the verdict on the default rule's area bounds."""
+    lines = [
+        f"{rows[0]['images']} images, {rows[0]['ma_components']} microaneurysms (native MA components), "
+        f"masks resized to {rows[0]['image_px']} px; area = resized lesion area / area-true value",
+        "",
+        "| rule | " + " | ".join(f"area {lesion}" for lesion in LESIONS) + " | MA kept |",
+        "|---|" + "---:|" * (len(LESIONS) + 1),
+    ]
+    for r in rows:
+        areas = " | ".join(f"×{r['area_ratio'][lesion]:.2f}" for lesion in LESIONS)
+        lines.append(f"| {r['rule']} | {areas} | {100 * r['ma_kept_fraction']:.1f} % |")
+    default = next((r for r in rows if r["rule"] == MASK_RESIZE_RULES[0]), None)
+    if default is not None:
+        low, high = AREA_RATIO_BOUNDS
+        inside = all(low <= value <= high for value in default["area_ratio"].values() if value == value)
+        verdict = "within" if inside else "OUTSIDE"
+        lines += [
+            "",
+            f"default rule `{default['rule']}`: lesion area {verdict} [{low}, {high}] of area-true for every lesion",
+        ]
+    return "\n".join(lines)

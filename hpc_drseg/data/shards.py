@@ -1,5 +1,5 @@
 """Converts a DDR tree (real or synthetic) into WebDataset tar shards plus manifest.json, atomically; the resize rules
-(images to image_px², masks by "any lesion coverage" so microaneurysms survive) and the sample encoding live here.
+(images to image_px² by area averaging, masks by one of MASK_RESIZE_RULES) and the sample encoding live here.
 
 Sample `<id>` in `{split}-NNNNNN.tar`: `<id>.image.png` (or `.image.npy`, see IMAGE_CODECS) RGB at image_px²,
 `<id>.mask.png` the 4 masks bit-packed, `<id>.native.png` (valid/test) the same at native resolution, `<id>.json`
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from hpc_drseg import __version__
 from hpc_drseg.atomic import replace_folder
-from hpc_drseg.config.choices import IMAGE_CODECS
+from hpc_drseg.config.choices import IMAGE_CODECS, MASK_RESIZE_RULES
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, read_sample, resolve_root
 from hpc_drseg.errors import ExistsError, InputError, MissingError
@@ -49,6 +49,19 @@ ENCODING = {
 _PNG_LEVEL = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # zlib level 1: ~1.5× faster than 3, files ~7% larger; decode alike
 FORMAT = 1  # bump when the sample encoding changes; readers refuse other formats
 _TAR_MTIME = 0  # fixed member metadata so that the same input always gives byte-identical shards
+# One line per mask-resize rule, written into the manifest beside the rule's name (resize_mask has the details).
+MASK_RESIZE_DESCRIPTIONS = {
+    "nearest": "shrink = the source pixel under the target pixel's centre (INTER_NEAREST_EXACT; the paper code's "
+    "rule, area-true on average), enlarge = nearest",
+    "area": "shrink = lesion where it covers >= 1/2 of the target pixel's footprint (INTER_AREA >= 0.5; area-true), "
+    "enlarge = nearest",
+    "any": "per axis: shrink = any lesion coverage in the footprint (INTER_AREA > 0; keeps every microaneurysm, "
+    "dilates lesion area), enlarge = nearest",
+}
+LEGACY_MASK_RESIZE = "any"  # the only rule of shards written before the manifest named it
+# A footprint exactly half covered must count for `area`; INTER_AREA's float32 weights of a non-integer scale sum to
+# 1 only within ~1e-7, so the threshold sits a hair below 1/2.
+_AREA_THRESHOLD = 0.5 - 1e-5
 
 
 # --------------------------------------------------------------------------------------------------- resizing
@@ -61,16 +74,46 @@ def resize_image(image: np.ndarray, image_px: int) -> np.ndarray:
     return cv2.resize(image, (image_px, image_px), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
 
 
-def resize_mask(mask: np.ndarray, image_px: int) -> np.ndarray:
-    """(H, W, C) uint8 0/1 → (image_px, image_px, C) 0/1: a target pixel is lesion if any part of its footprint is.
+def resize_mask(mask: np.ndarray, image_px: int, rule: str = MASK_RESIZE_RULES[0]) -> np.ndarray:
+    """(H, W, C) uint8 0/1 → (image_px, image_px, C) 0/1 by `rule`, one of MASK_RESIZE_RULES.
 
-    Nearest-neighbour (the paper code's rule) erases most 1-3 px microaneurysms when a ~1500-3000 px fundus goes to
-    512² (it keeps one source pixel in 9-36; docs/method.md has the trade-off). Instead each axis is resized on its
-    own: when shrinking, INTER_AREA on the 0/1 mask as float32 gives the lesion fraction of the footprint, and `> 0`
-    keeps every pixel that holds any lesion (exact max-pooling over the footprint); when enlarging, nearest
-    (centre-aligned) already keeps every source pixel. The cost is a slight dilation of lesion borders at the target
-    resolution, which the native-resolution masks undo for evaluation.
+    An enlarged axis always takes the source pixel under each target pixel's centre (nearest, centre-aligned), which
+    keeps every source pixel. A shrunk axis depends on the rule (measured in docs/method.md, 1600 → 512 px):
+    - `nearest` (default): the source pixel under the target pixel's centre (INTER_NEAREST_EXACT), as the paper's
+      code. Unbiased in area on average; a 1-3 px microaneurysm survives only if a sampled pixel falls on it.
+    - `area`: lesion where it covers at least half of the target pixel's footprint (INTER_AREA of the 0/1 mask
+      ≥ 0.5). Area-true for lesions larger than a footprint; erases lesions smaller than half a footprint.
+    - `any`: lesion where any source pixel under the footprint is (INTER_AREA > 0 per axis: exact max-pooling).
+      Keeps every microaneurysm but dilates every lesion by up to a footprint (MA area ×2.2, EX ×1.4 on synthetic
+      1600 px images at 512 px), so a model trained on it learns fat lesions; native-resolution evaluation does not
+      undo that.
     """
+    if rule not in MASK_RESIZE_RULES:
+        raise InputError(f"mask_resize: got {rule!r}; choose one of {list(MASK_RESIZE_RULES)} (CLI: --mask-resize)")
+    if rule == "any":
+        return _resize_mask_any(mask, image_px)
+    height, width = mask.shape[:2]
+    out = mask
+    if image_px > height or image_px > width:  # enlarged axes first: nearest, exact on uint8, commutes with the rest
+        out = _resized(out, (max(width, image_px), max(height, image_px)), cv2.INTER_NEAREST_EXACT)
+    if out.shape[:2] != (image_px, image_px):
+        size = (image_px, image_px)
+        if rule == "nearest":
+            out = _resized(out, size, cv2.INTER_NEAREST_EXACT)
+        else:  # INTER_AREA of a 0/1 mask is the covered fraction of each target pixel's footprint
+            out = (_resized(out.astype(np.float32), size, cv2.INTER_AREA) >= _AREA_THRESHOLD).astype(np.uint8)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def _resized(array: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """cv2.resize to (width, height) that keeps a trailing channel axis of size 1 (cv2 drops it)."""
+    out = cv2.resize(array, size, interpolation=interpolation)
+    return out[..., None] if out.ndim == 2 and array.ndim == 3 else out
+
+
+def _resize_mask_any(mask: np.ndarray, image_px: int) -> np.ndarray:
+    """The `any` rule: per axis, shrink = INTER_AREA on 0/1 float32 then > 0 (max over the footprint), enlarge =
+    nearest (centre-aligned)."""
     out = mask
     for axis in (1, 0):  # width, then height
         source = out.shape[axis]
@@ -78,13 +121,17 @@ def resize_mask(mask: np.ndarray, image_px: int) -> np.ndarray:
             continue
         size = (image_px, out.shape[0]) if axis == 1 else (out.shape[1], image_px)
         if image_px < source:
-            resized = cv2.resize(out.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-            out = (resized > 0).astype(np.uint8)
+            out = (_resized(out.astype(np.float32), size, cv2.INTER_AREA) > 0).astype(np.uint8)
         else:
-            out = cv2.resize(out, size, interpolation=cv2.INTER_NEAREST_EXACT)
-        if out.ndim == 2:  # cv2 drops a trailing channel axis of size 1
-            out = out[..., None]
+            out = _resized(out, size, cv2.INTER_NEAREST_EXACT)
     return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def mask_resize_rule(manifest: dict[str, Any]) -> str:
+    """The mask-resize rule a manifest records; shards written before the manifest named it used `any` (their
+    `mask_resize` entry, if any, is a description, not a rule name)."""
+    rule = manifest.get("mask_resize")
+    return rule if rule in MASK_RESIZE_RULES else LEGACY_MASK_RESIZE
 
 
 # --------------------------------------------------------------------------------------------------- encoding
@@ -172,12 +219,17 @@ def decode_image(data: bytes, codec: str, name: str) -> np.ndarray:
 
 
 def encode_sample(
-    files: SampleFiles, split: str, image_px: int, allow_missing_masks: bool, image_codec: str = "png"
+    files: SampleFiles,
+    split: str,
+    image_px: int,
+    allow_missing_masks: bool,
+    image_codec: str = "png",
+    mask_resize: str = MASK_RESIZE_RULES[0],
 ) -> EncodedSample:
     """Reads, resizes and encodes one sample (runs in a pool worker)."""
     sample = read_sample(files, allow_missing_masks)
     packed_native = pack_masks(sample.masks)
-    packed_small = pack_masks(resize_mask(sample.masks, image_px))
+    packed_small = pack_masks(resize_mask(sample.masks, image_px, mask_resize))
     height, width = sample.image.shape[:2]
     meta = {"id": files.id, "split": split, "native_hw": [height, width]}
     members = [
@@ -198,7 +250,7 @@ def encode_sample(
     )
 
 
-def _encode_job(job: tuple[SampleFiles, str, int, bool, str]) -> EncodedSample:
+def _encode_job(job: tuple[SampleFiles, str, int, bool, str, str]) -> EncodedSample:
     return encode_sample(*job)
 
 
@@ -257,7 +309,7 @@ class _SplitWriter:
             self.tar = None
 
 
-def _encoded(jobs: list[tuple[SampleFiles, str, int, bool]], workers: int) -> Iterator[EncodedSample]:
+def _encoded(jobs: list[tuple[SampleFiles, str, int, bool, str, str]], workers: int) -> Iterator[EncodedSample]:
     """Encodes in input order, whatever the number of processes (so the output does not depend on it)."""
     if workers <= 1:
         yield from map(_encode_job, jobs)
@@ -272,6 +324,7 @@ class _Options(NamedTuple):
     samples_per_shard: int
     workers: int
     image_codec: str
+    mask_resize: str
 
 
 def _collect(ddr_root: Path, allow_missing_masks: bool) -> dict[str, list[SampleFiles]]:
@@ -286,9 +339,15 @@ def _collect(ddr_root: Path, allow_missing_masks: bool) -> dict[str, list[Sample
     return samples
 
 
-def _check_args(out: Path, image_px: int, samples_per_shard: int, overwrite: bool, image_codec: str) -> None:
+def _check_args(
+    out: Path, image_px: int, samples_per_shard: int, overwrite: bool, image_codec: str, mask_resize: str
+) -> None:
     if image_codec not in IMAGE_CODECS:
         raise InputError(f"image_codec: got {image_codec!r}; choose one of {list(IMAGE_CODECS)} (CLI: --image-codec)")
+    if mask_resize not in MASK_RESIZE_RULES:
+        raise InputError(
+            f"mask_resize: got {mask_resize!r}; choose one of {list(MASK_RESIZE_RULES)} (CLI: --mask-resize)"
+        )
     if image_px <= 0 or image_px % 32:
         raise InputError(f"image_px: got {image_px}; it must be a positive multiple of 32 (e.g. 256, 512, 1024)")
     if samples_per_shard < 1:
@@ -307,26 +366,29 @@ def write_shards(
     samples_per_shard: int = SAMPLES_PER_SHARD,
     progress: bool = True,
     image_codec: str = "png",
+    mask_resize: str = MASK_RESIZE_RULES[0],
 ) -> dict[str, Any]:
     """Writes `{split}-NNNNNN.tar` shards and manifest.json for every split of the DDR tree; returns the manifest.
 
     The output appears all at once (written into a temporary sibling folder, then renamed) or not at all; an
     existing `out` is replaced only with overwrite=True. `workers`: encoding processes (None = all cores); the bytes
-    written do not depend on it. `image_codec`: see IMAGE_CODECS. Layout errors (ddr.find_samples) are raised before
-    any image is read.
+    written do not depend on it. `image_codec`: see IMAGE_CODECS. `mask_resize`: how masks shrink to image_px, one
+    of MASK_RESIZE_RULES (see resize_mask). Layout errors (ddr.find_samples) are raised before any image is read.
     """
     out = Path(out).expanduser().absolute()
-    _check_args(out, image_px, samples_per_shard, overwrite, image_codec)
+    _check_args(out, image_px, samples_per_shard, overwrite, image_codec, mask_resize)
     base = resolve_root(ddr_root)
     samples = _collect(base, allow_missing_masks)
     total = sum(len(files) for files in samples.values())
     workers = usable_cores() if workers is None else workers
-    options = _Options(image_px, allow_missing_masks, samples_per_shard, max(1, min(workers, total)), image_codec)
+    options = _Options(
+        image_px, allow_missing_masks, samples_per_shard, max(1, min(workers, total)), image_codec, mask_resize
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the renamed folder should not be
-        manifest = _manifest_header(base, image_px, samples_per_shard, image_codec)
+        manifest = _manifest_header(base, image_px, samples_per_shard, image_codec, mask_resize)
         with tqdm(total=total, desc=f"shard {out.name}", unit="img", disable=not progress) as bar:
             for split, files in samples.items():
                 manifest["splits"][split] = _write_split(tmp, split, files, options, bar)
@@ -344,7 +406,9 @@ def _umask() -> int:
     return mask
 
 
-def _manifest_header(base: Path, image_px: int, samples_per_shard: int, image_codec: str) -> dict[str, Any]:
+def _manifest_header(
+    base: Path, image_px: int, samples_per_shard: int, image_codec: str, mask_resize: str
+) -> dict[str, Any]:
     return {
         "tool": "hpc_drseg",
         "version": __version__,
@@ -354,7 +418,8 @@ def _manifest_header(base: Path, image_px: int, samples_per_shard: int, image_co
         "lesions": list(LESIONS),
         "samples_per_shard": samples_per_shard,
         "encoding": ENCODING,
-        "mask_resize": "per axis: shrink = any lesion coverage in the footprint (INTER_AREA > 0), enlarge = nearest",
+        "mask_resize": mask_resize,
+        "mask_resize_description": MASK_RESIZE_DESCRIPTIONS[mask_resize],
         "pixel_counts": "lesion_pixels and total_pixels at native resolution; lesion_pixels_resized at image_px",
         "source": str(base),
         "splits": {},
@@ -363,7 +428,10 @@ def _manifest_header(base: Path, image_px: int, samples_per_shard: int, image_co
 
 def _write_split(folder: Path, split: str, files: list[SampleFiles], options: _Options, bar: tqdm) -> dict[str, Any]:
     writer = _SplitWriter(folder, split, options.samples_per_shard)
-    jobs = [(f, split, options.image_px, options.allow_missing_masks, options.image_codec) for f in files]
+    jobs = [
+        (f, split, options.image_px, options.allow_missing_masks, options.image_codec, options.mask_resize)
+        for f in files
+    ]
     try:
         for sample in _encoded(jobs, options.workers):
             writer.add(sample)

@@ -1,5 +1,6 @@
-"""Sharder: MA-preserving mask resize, exact round trip of images/masks/native masks, manifest counts, atomicity,
-worker-count independence, compatibility with the webdataset library."""
+"""Sharder: the three mask-resize rules (nearest default, area, any) on hand-made masks and a synthetic batch, the
+rule recorded in the manifest (and read back by the run report), exact round trip of images/masks/native masks,
+manifest counts, atomicity, worker-count independence, compatibility with the webdataset library."""
 
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ import pytest
 import webdataset as wds
 
 from hpc_drseg import __version__
+from hpc_drseg.cli import main
+from hpc_drseg.config import load_config, save_config
+from hpc_drseg.config.choices import MASK_RESIZE_RULES
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.ddr import available_splits, find_samples, read_sample
 from hpc_drseg.data.pipeline import decode_sample
 from hpc_drseg.data.shards import (
+    MASK_RESIZE_DESCRIPTIONS,
     iter_shard_samples,
+    mask_resize_rule,
     pack_masks,
     read_manifest,
     resize_image,
@@ -27,6 +33,10 @@ from hpc_drseg.data.shards import (
     unpack_masks,
     write_shards,
 )
+from hpc_drseg.data.synth import render_fundus
+from hpc_drseg.report import _mask_resize_line
+
+AREA_BOUNDS = (0.75, 1.33)  # lesion area after resizing / area-true value, for the area-true rules
 
 
 def _footprint_max(mask: np.ndarray, size: int) -> np.ndarray:
@@ -49,11 +59,12 @@ def _footprint_max(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ resize rules
+# The `any` tests below predate the other rules; they ask for `any` explicitly now that `nearest` is the default.
 @pytest.mark.parametrize("y, x", [(0, 0), (1, 2), (3, 3), (37, 18), (63, 63)])
 def test_single_pixel_lesion_survives_4x_downscale(y: int, x: int) -> None:
     mask = np.zeros((64, 64, 4), np.uint8)
     mask[y, x, 0] = 1
-    small = resize_mask(mask, 16)
+    small = resize_mask(mask, 16, "any")
     assert small.shape == (16, 16, 4) and small.dtype == np.uint8
     assert small[..., 0].sum() == 1 and small[y // 4, x // 4, 0] == 1
     assert not small[..., 1:].any()
@@ -66,7 +77,128 @@ def test_single_pixel_lesion_survives_4x_downscale(y: int, x: int) -> None:
 def test_resize_mask_is_footprint_max_pooling(shape: tuple[int, int], size: int) -> None:
     rng = np.random.default_rng(sum(shape))
     mask = (rng.random((*shape, 4)) < 0.004).astype(np.uint8)
-    np.testing.assert_array_equal(resize_mask(mask, size), _footprint_max(mask, size))
+    np.testing.assert_array_equal(resize_mask(mask, size, "any"), _footprint_max(mask, size))
+
+
+def _dot(y: int, x: int) -> np.ndarray:
+    mask = np.zeros((64, 64, 4), np.uint8)
+    mask[y, x, 2] = 1
+    return mask
+
+
+@pytest.mark.parametrize("y, x", [(2, 2), (1, 2), (3, 3), (38, 18), (37, 18), (62, 62)])
+def test_one_pixel_dot_at_4x_downscale_by_rule(y: int, x: int) -> None:
+    """64 → 16 px: target pixel i covers source 4i..4i+3 and its centre lies on source pixel 4i+2."""
+    sampled = y % 4 == 2 and x % 4 == 2
+    for rule, kept in (("nearest", sampled), ("area", False), ("any", True)):  # a dot covers 1/16 of a footprint
+        small = resize_mask(_dot(y, x), 16, rule)
+        assert small.shape == (16, 16, 4) and small.dtype == np.uint8, rule
+        assert small[..., 2].sum() == int(kept) and small[y // 4, x // 4, 2] == int(kept), rule
+        assert not small[..., [0, 1, 3]].any(), rule
+
+
+def test_nearest_is_the_default_rule() -> None:
+    assert MASK_RESIZE_RULES[0] == "nearest"
+    mask = (np.random.default_rng(1).random((203, 197, 4)) < 0.05).astype(np.uint8)
+    np.testing.assert_array_equal(resize_mask(mask, 64), resize_mask(mask, 64, "nearest"))
+    np.testing.assert_array_equal(
+        resize_mask(mask, 64), cv2.resize(mask, (64, 64), interpolation=cv2.INTER_NEAREST_EXACT)
+    )
+
+
+def test_large_disc_by_rule() -> None:
+    """320 → 64 px (5 × 5 footprints): exact expectations, and area within bounds for the area-true rules."""
+    disc = cv2.circle(np.zeros((320, 320), np.uint8), (161, 158), 60, 1, -1)
+    mask = np.zeros((320, 320, 4), np.uint8)
+    mask[..., 1] = disc
+    blocks = mask.reshape(64, 5, 64, 5, 4)
+    expected = {
+        "nearest": mask[2::5, 2::5],  # the centre pixel of each footprint
+        "area": (blocks.mean(axis=(1, 3)) >= 0.5).astype(np.uint8),  # fractions are k/25: none is near 1/2
+        "any": blocks.max(axis=(1, 3)),
+    }
+    native = mask[..., 1].sum()
+    for rule, want in expected.items():
+        small = resize_mask(mask, 64, rule)
+        np.testing.assert_array_equal(small, want, err_msg=rule)
+        ratio = small[..., 1].sum() * 25 / native
+        if rule == "any":
+            assert ratio > 1.05, "any dilates the border by up to a footprint"
+        else:
+            assert AREA_BOUNDS[0] <= ratio <= AREA_BOUNDS[1] and abs(ratio - 1) < 0.03, (rule, ratio)
+
+
+@pytest.mark.parametrize("rows", [(9,), (10,), (9, 10), (8, 9)])
+def test_thin_horizontal_line_by_rule(rows: tuple[int, ...]) -> None:
+    """64 → 16 px: footprint rows 8..11 hold target row 2, sampled at source row 10; a line 1 or 2 px thick."""
+    mask = np.zeros((64, 64, 4), np.uint8)
+    mask[list(rows), 5:61, 3] = 1  # source columns 5..60 → targets 1..15 whole or in part
+    # Target columns: 1 covers source 4..7 (line coverage 3/4 along x, sampled at 6), 2..14 lie wholly on the line,
+    # 15 covers 60..63 (coverage 1/4, sampled at 62, off the line).
+    any_rule = np.zeros((16, 16), np.uint8)
+    any_rule[2, 1:16] = 1
+    nearest = np.zeros((16, 16), np.uint8)
+    if 10 in rows:
+        nearest[2, 1:15] = 1
+    # Coverage of a footprint = x fraction × y fraction; y fraction is 1/4 (1 px) or exactly 1/2 (2 px), and 1/2
+    # counts: only the wholly crossed columns 2..14 of a 2-px line are kept (column 1: 3/8, column 15: 1/8).
+    area = np.zeros((16, 16), np.uint8)
+    if len(rows) == 2:
+        area[2, 2:15] = 1
+    expected = {"nearest": nearest, "area": area, "any": any_rule}
+    for rule, want in expected.items():
+        small = resize_mask(mask, 16, rule)
+        np.testing.assert_array_equal(small[..., 3], want, err_msg=rule)
+        assert not small[..., :3].any(), rule
+
+
+@pytest.mark.parametrize("rule", MASK_RESIZE_RULES)
+def test_enlarging_is_nearest_for_every_rule(rule: str) -> None:
+    mask = (np.random.default_rng(2).random((16, 16, 4)) < 0.2).astype(np.uint8)
+    big = resize_mask(mask, 64, rule)
+    np.testing.assert_array_equal(big, np.repeat(np.repeat(mask, 4, axis=0), 4, axis=1))
+    tall = np.zeros((40, 90, 4), np.uint8)  # height enlarged, width shrunk
+    tall[10:30, 20:70, 0] = 1
+    out = resize_mask(tall, 64, rule)
+    assert out.shape == (64, 64, 4)
+    assert abs(out[..., 0].sum() * (40 * 90) / 64**2 / tall[..., 0].sum() - 1) < 0.1, rule
+    one_channel = resize_mask(mask[..., :1], 8, rule)
+    assert one_channel.shape == (8, 8, 1), "a single channel keeps its axis"
+
+
+def test_unknown_rule_names_the_option(tmp_path: Path, make_ddr) -> None:
+    with pytest.raises(ValueError, match=r"mask_resize: got 'max'; choose one of \['nearest', 'area', 'any'\]"):
+        resize_mask(np.zeros((8, 8, 4), np.uint8), 4, "max")
+    root = make_ddr(tmp_path / "ddr", counts={"train": 1}, size_px=64)
+    with pytest.raises(ValueError, match=r"mask_resize: got 'max'.*\(CLI: --mask-resize\)"):
+        write_shards(root, tmp_path / "s", image_px=32, workers=1, progress=False, mask_resize="max")
+    assert not (tmp_path / "s").exists()
+
+
+def test_area_true_rules_keep_lesion_area_on_a_synthetic_batch() -> None:
+    """8 synthetic fundus images of ~1600 px → 512 px (the paper's setting on DDR-sized images)."""
+    rng = np.random.default_rng(0)
+    masks = []
+    for _ in range(8):
+        _, planes = render_fundus(rng, 1600, 1600)
+        masks.append(np.stack([planes[lesion] > 0 for lesion in LESIONS], axis=2).astype(np.uint8))
+    native = sum(m.reshape(-1, 4).sum(axis=0) for m in masks)
+    assert native.min() > 500, "every lesion type is present in the batch"
+    ratios = {}
+    for rule in MASK_RESIZE_RULES:
+        scaled = sum(resize_mask(m, 512, rule).reshape(-1, 4).sum(axis=0) * m[..., 0].size / 512**2 for m in masks)
+        ratios[rule] = dict(zip(LESIONS, scaled / native))
+    for rule in ("nearest", "area"):
+        for lesion, ratio in ratios[rule].items():
+            assert AREA_BOUNDS[0] <= ratio <= AREA_BOUNDS[1], (rule, lesion, ratio)
+    assert ratios["any"]["MA"] > 1.5 and all(ratios["any"][x] > 1.05 for x in LESIONS), "any dilates every lesion"
+    ma = LESIONS.index("MA")
+    for m in masks:  # any keeps every microaneurysm: each component still has a lesion pixel in its footprint
+        count, labels = cv2.connectedComponents(m[..., ma], connectivity=8)
+        back = cv2.resize(
+            resize_mask(m, 512, "any")[..., ma], labels.shape[::-1], interpolation=cv2.INTER_NEAREST_EXACT
+        )
+        assert len(np.unique(labels[(back > 0) & (labels > 0)])) == count - 1
 
 
 def test_resize_image_shrinks_by_area_and_enlarges_bicubic() -> None:
@@ -105,10 +237,9 @@ def test_shards_decode_to_the_source_resized_by_the_same_rule(ddr_root: Path, sh
                 sample = decode_sample(raw, path, with_native=info["has_native"])
                 expected = source[sample.id]
                 np.testing.assert_array_equal(sample.image, resize_image(expected.image, image_px))
+                small = resize_mask(expected.masks, image_px, manifest["mask_resize"])
                 for channel, lesion in enumerate(LESIONS):
-                    np.testing.assert_array_equal(
-                        sample.mask[..., channel], resize_mask(expected.masks, image_px)[..., channel], err_msg=lesion
-                    )
+                    np.testing.assert_array_equal(sample.mask[..., channel], small[..., channel], err_msg=lesion)
                 if info["has_native"]:
                     np.testing.assert_array_equal(sample.native, expected.masks.transpose(2, 0, 1))
                 meta = json.loads(raw["json"])
@@ -122,6 +253,7 @@ def test_manifest_counts_match_a_direct_count(ddr_root: Path, shards_dir: Path) 
     manifest = read_manifest(shards_dir)
     assert manifest["tool"] == "hpc_drseg" and manifest["version"] == __version__
     assert manifest["image_px"] == 128 and manifest["lesions"] == list(LESIONS)
+    assert manifest["mask_resize"] == "nearest" and manifest["mask_resize_description"].startswith("shrink = the")
     assert list(manifest["splits"]) == ["train", "valid", "test"]
     for split, info in manifest["splits"].items():
         samples = [read_sample(files) for files in find_samples(ddr_root, split)]
@@ -131,7 +263,7 @@ def test_manifest_counts_match_a_direct_count(ddr_root: Path, shards_dir: Path) 
         for channel, lesion in enumerate(LESIONS):
             assert info["lesion_images"][lesion] == sum(int(m[..., channel].any()) for m in masks)
             assert info["lesion_pixels"][lesion] == sum(int(m[..., channel].sum()) for m in masks)
-            resized = sum(int(resize_mask(m, 128)[..., channel].sum()) for m in masks)
+            resized = sum(int(resize_mask(m, 128, "nearest")[..., channel].sum()) for m in masks)
             assert info["lesion_pixels_resized"][lesion] == resized
         assert info["total_pixels"] == sum(m.shape[0] * m.shape[1] for m in masks)
         assert info["shards"] == [f"{split}-{i:06d}.tar" for i in range(len(info["shards"]))]
@@ -170,6 +302,53 @@ def test_npy_image_codec_decodes_to_the_same_samples(ddr_root: Path, shards_dir:
         decode_sample(raw, out / "train-000000.tar")
     with pytest.raises(ValueError, match="image_codec: got 'jpg'; choose one of"):
         write_shards(ddr_root, tmp_path / "jpg", image_px=128, progress=False, image_codec="jpg")
+
+
+# ------------------------------------------------------------------------------------------ the rule on record
+@pytest.mark.parametrize("rule", MASK_RESIZE_RULES)
+def test_manifest_records_the_rule_and_masks_follow_it(tmp_path: Path, make_ddr, rule: str) -> None:
+    root = make_ddr(tmp_path / "ddr", counts={"train": 2}, size_px=96)
+    manifest = write_shards(root, tmp_path / "s", image_px=32, workers=1, progress=False, mask_resize=rule)
+    assert read_manifest(tmp_path / "s") == manifest
+    assert manifest["mask_resize"] == rule and mask_resize_rule(manifest) == rule
+    assert manifest["mask_resize_description"] == MASK_RESIZE_DESCRIPTIONS[rule]
+    masks = [read_sample(f).masks for f in find_samples(root, "train")]
+    resized = [sum(int(resize_mask(m, 32, rule)[..., c].sum()) for m in masks) for c in range(len(LESIONS))]
+    assert list(manifest["splits"]["train"]["lesion_pixels_resized"].values()) == resized
+
+
+def test_older_manifests_read_as_any(tmp_path: Path, shards_dir: Path) -> None:
+    manifest = read_manifest(shards_dir)
+    old_sentence = "per axis: shrink = any lesion coverage in the footprint (INTER_AREA > 0), enlarge = nearest"
+    for value in (None, old_sentence):  # no key, or the description older versions wrote under it
+        older = {k: v for k, v in manifest.items() if not k.startswith("mask_resize")}
+        if value is not None:
+            older["mask_resize"] = value
+        (tmp_path / "manifest.json").write_text(json.dumps(older))
+        assert mask_resize_rule(read_manifest(tmp_path)) == "any"
+
+
+def test_cli_flag_reaches_the_manifest(tmp_path: Path, make_ddr, capsys) -> None:
+    root = make_ddr(tmp_path / "ddr", counts={"train": 1}, size_px=64)
+    common = ["shard", "--ddr-root", str(root), "--image-px", "32", "--workers", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--mask-resize", "area"]) == 0
+    assert read_manifest(tmp_path / "a")["mask_resize"] == "area"
+    assert "masks resized by rule 'area'" in capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "d")]) == 0
+    assert read_manifest(tmp_path / "d")["mask_resize"] == "nearest"
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "x"), "--mask-resize", "max"])
+    assert "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_run_report_header_names_the_rule(tmp_path: Path, shards_dir: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "mask resize rule of the shards: unknown" in _mask_resize_line(run)  # no config.yaml
+    save_config(load_config(None, [f"data.shards={shards_dir}"]), run / "config.yaml")
+    assert "mask resize rule of the shards: `nearest`" in _mask_resize_line(run)
+    save_config(load_config(None, [f"data.shards={tmp_path / 'gone'}"]), run / "config.yaml")
+    assert "mask resize rule of the shards: unknown" in _mask_resize_line(run)
 
 
 # --------------------------------------------------------------------------------------- determinism, atomicity
