@@ -322,6 +322,14 @@ def cmd_bench_cbam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_metrics(args: argparse.Namespace) -> int:
+    from hpc_drseg.metrics.bench import benchmark_ap, format_ap_table
+
+    rows = benchmark_ap(images=args.images, side_px=args.side_px, score_bits=args.score_bits, repeats=args.repeats)
+    print(format_ap_table(rows))
+    return 0
+
+
 def _add_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
@@ -343,6 +351,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     masks.add_argument("--ddr-root", required=True, help="DDR tree (real or from drseg synth) to measure")
     masks.add_argument("--image-px", type=int, default=512, help="side the masks are resized to (default 512)")
+
+    metrics = _command(kinds, "metrics", cmd_bench_metrics, help="streaming AP of the standard protocol vs sklearn")
+    metrics.add_argument("--images", type=int, default=4, help="native-size images per batch (default 4)")
+    metrics.add_argument("--side-px", type=int, default=1024, help="image side (default 1024)")
+    metrics.add_argument("--score-bits", type=int, default=10, help="eval.score_bits (default 10)")
+    metrics.add_argument("--repeats", type=int, default=3, help="best of this many streaming runs (default 3)")
 
     train = _command(kinds, "train", cmd_bench_train, help="training step img/s, TFLOP/s, peak memory")
     _add_config_args(train)

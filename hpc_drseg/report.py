@@ -183,7 +183,7 @@ def paper_reference(model: Optional[str]) -> dict[str, dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------------------- plots
-def _pyplot():
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: clusters have no display
@@ -198,7 +198,7 @@ def save_figure(fig: Any, path: Path) -> Path:
         with atomic_writer(path, "wb") as handle:
             fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return path
 
 
@@ -211,7 +211,7 @@ def plot_pr_curves(evals: dict[str, dict[str, Any]], path: Path) -> Optional[Pat
     splits = [split for split, content in evals.items() if content.get("pr_curves")]
     if not splits:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(LESIONS), figsize=(4 * len(LESIONS), 4.2), sharey=True, layout="constrained")
     styles = ("-", "--", ":", "-.")
     for ax, lesion in zip(axes, LESIONS):
@@ -239,7 +239,7 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Optiona
     """Loss terms, validation means, per-lesion validation AP/IoU and the learning rate vs epoch; None without rows."""
     if not history:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     columns = list(history[0])
     epochs = [row.get("epoch", i) for i, row in enumerate(history)]
 

@@ -14,7 +14,7 @@ import yaml
 from hpc_drseg.atomic import atomic_write_text
 from hpc_drseg.config import SweepConfig
 from hpc_drseg.errors import InputError
-from hpc_drseg.report import save_figure
+from hpc_drseg.report import pyplot, save_figure
 from hpc_drseg.sweep.metrics import summary_metric_names, trial_metrics
 from hpc_drseg.sweep.spec import Trial
 from hpc_drseg.sweep.status import TRIAL_STATES, sweep_status
@@ -154,20 +154,11 @@ def _summary_md(
     return "\n".join(lines) + "\n"
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: clusters have no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot(sweep_dir: Path, rows: list[dict[str, Any]], key: str, metric: str) -> Path:
     """Mean ± std of `metric` against the swept `key`, one point per configuration."""
     scored = [row for row in rows if not math.isnan(row[metric][0])]
     points = sorted((float(r["params"][key]), r[metric][0], _nan_to(r[metric][1], 0.0)) for r in scored)
-    fig, ax = _pyplot().subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     if points:
         xs, means, stds = zip(*points)
         ax.errorbar(xs, means, yerr=stds, fmt="o", capsize=3)
