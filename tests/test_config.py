@@ -19,7 +19,7 @@ from hpc_drseg.config import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-# Run configs; configs/sweep_*.yaml are sweep specs, validated (with every trial's overrides) in tests/sweep/test_spec.py.
+# Run configs; configs/sweep_*.yaml are sweep specs, validated with every trial's overrides in tests/sweep/test_spec.py.
 SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("sweep_"))
 
 
