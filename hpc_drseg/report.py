@@ -11,9 +11,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from hpc_drseg.atomic import atomic_write_text, atomic_writer
+from hpc_drseg.config.yamlio import load_yaml
 from hpc_drseg.constants import LESION_COLOURS, LESION_NAMES, LESIONS
 from hpc_drseg.errors import DrsegError, InputError, MissingError
 
@@ -39,9 +38,11 @@ PROTOCOL_NOTES = {
     "paper": "The shards' resolution (512² in the paper) in batches of 4; AP and IoU per batch, averaged over "
     "batches (AP = 0 for a batch without lesion pixels). Reproduces how Table I was computed; biased and not "
     "comparable with other work.",
-    "standard": "Probabilities resized to each image's native size; counts summed over the whole split; IoU and Dice "
-    "at eval.threshold (0.5); AUPR11 over thresholds 0, 0.1, …, 1. Best published DDR numbers with this protocol: "
-    "mAUPR ≈ 0.50, mIoU ≈ 0.31 (HRNet + M2MRF, 1024 px).",
+    "standard": "Probabilities resized to each image's native size; counts summed over the whole split. AP is the "
+    "headline figure (sklearn's average precision, within 1e-3). IoU and Dice at eval.threshold (0.5). AUPR11 is "
+    "the area under precision/recall at thresholds 0, 0.1, …, 1 used in the DDR literature; it counts precision 1 "
+    "where nothing is predicted, so a model that predicts nothing above 0.1 already scores ≈ 0.5 — read it with "
+    "AP. Best published DDR numbers with this protocol: mAUPR ≈ 0.50, mIoU ≈ 0.31 (HRNet + M2MRF, 1024 px).",
 }
 PROTOCOL_METRICS = {"paper": ("AP", "IoU"), "standard": ("AP", "AUPR11", "IoU", "Dice")}
 PLOTS_DIR = "plots"
@@ -72,9 +73,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _run_config(run_dir: Path) -> dict[str, Any]:
     """RUN/config.yaml as a plain dict ({} when absent or unreadable): a report needs only a few keys, so an older
     or newer config still reports."""
+    path = Path(run_dir) / "config.yaml"
     try:
-        values = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        values = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, DrsegError):
         return {}
     return values if isinstance(values, dict) else {}
 
@@ -330,7 +332,14 @@ def _protocol_markdown(protocol: str, columns: dict[str, Optional[dict]], bold_b
 
 def _header_markdown(run_dir: Path, name: str, model: Optional[str], evals: dict[str, dict[str, Any]]) -> str:
     model_text = f"{MODEL_LABELS[model]} (`{model}`)" if model else "unknown (RUN/config.yaml missing or unreadable)"
-    lines = [f"# Run report: {name}", "", f"- run: `{run_dir}`", f"- model: {model_text}", _mask_resize_line(run_dir)]
+    lines = [
+        f"# Run report: {name}",
+        "",
+        f"- run: `{run_dir}`",
+        f"- model: {model_text}",
+        _initialisation_line(_run_config(run_dir).get("model") or {}),
+        _mask_resize_line(run_dir),
+    ]
     for split, content in evals.items():
         lines.append(
             f"- split `{split}`: checkpoint `{content.get('checkpoint', 'n/a')}`, epoch {content.get('epoch', 'n/a')}, "
@@ -339,6 +348,18 @@ def _header_markdown(run_dir: Path, name: str, model: Optional[str], evals: dict
     if not model:
         lines.append("- no paper Table I reference column: the model is unknown")
     return "\n".join(lines) + "\n\n## Evaluation (Table I layout)"
+
+
+def _initialisation_line(model_cfg: dict[str, Any]) -> str:
+    """How the weights started: ImageNet (which file) or random; the paper's DeepLab models used ImageNet."""
+    init, path = model_cfg.get("init"), model_cfg.get("pretrained_path")
+    if model_cfg.get("name") == "unet":
+        return "- initialisation: random (U-Net has no ImageNet encoder)"
+    if init == "imagenet":
+        return f"- initialisation: ImageNet backbone from `{path}`"
+    if init == "random":
+        return "- initialisation: **random** (model.init=random; the paper used ImageNet weights)"
+    return "- initialisation: unknown (RUN/config.yaml missing or older)"
 
 
 def _mask_resize_line(run_dir: Path) -> str:

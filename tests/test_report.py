@@ -197,3 +197,17 @@ def test_compare_runs_side_by_side(tmp_path):
     assert rows[0][:4] == ["protocol", "metric", "run-a (Attention-DeepLab)", "run-b (U-Net)"]
     mean_row = next(r for r in rows if r[:2] == ["paper", "mAP"])
     assert math.isclose(float(mean_row[3]), mean({k: round(v * 0.5, 4) for k, v in PAPER_AP.items()}))
+
+
+def test_report_states_initialisation_and_reads_aupr11_with_ap(tmp_path):
+    random_run = make_run(tmp_path, "random", "attention_deeplab")
+    text = write_run_report(random_run).read_text()
+    assert "- initialisation: **random**" not in text  # make_run uses the defaults: init=imagenet
+    assert "- initialisation: ImageNet backbone from `None`" in text
+    cfg = load_config(None, ["name=scratch", "model.init=random"])
+    save_config(cfg, random_run / "config.yaml")
+    text = write_run_report(random_run).read_text()
+    assert "- initialisation: **random** (model.init=random; the paper used ImageNet weights)" in text
+    assert "AP is the headline figure" in text and "already scores ≈ 0.5" in text
+    unet = make_run(tmp_path, "unet-init", "unet")
+    assert "- initialisation: random (U-Net has no ImageNet encoder)" in write_run_report(unet).read_text()
