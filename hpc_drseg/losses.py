@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Optional
 
 import torch
@@ -23,6 +24,8 @@ from hpc_drseg.errors import InputError
 
 _DEFAULTS = LossConfig()  # paper constants live only in the config dataclass
 TERMS: tuple[str, ...] = ("dice", "bce", "focal", "boundary")
+# read-only: a default argument shared by every CombinedLoss() must not be mutable
+_DEFAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(dataclasses.asdict(_DEFAULTS.weights))
 
 # ε inside eq. (6)'s sqrt: a flat region gets ‖∇T‖ = sqrt(ε) = 1e-3, i.e. paper weight exp(−1.5e-3) ≈ 0.9985.
 # (The paper's code used 1e-8, i.e. 1e-4 and a flat weight of 0.99985: a 0.1 % difference in the term.)
@@ -172,11 +175,14 @@ class CombinedLoss(nn.Module):
     forward returns (total, logs): total is the differentiable fp32 scalar; logs holds detached fp32 scalars:
     "dice", "bce", "focal", "boundary" (unweighted channel means), "aux" (the aux head's combined loss before
     aux_weight, when given) and "total"; with per_lesion=True also "<term>/<lesion>", e.g. "dice/MA".
+
+    Every argument defaults to the config's default (`LossConfig()`, the paper's values), so `CombinedLoss()` is the
+    paper's loss and equals `build_loss(LossConfig())`.
     """
 
     def __init__(
         self,
-        weights: Mapping[str, float],
+        weights: Mapping[str, float] = _DEFAULT_WEIGHTS,
         focal_alpha: float = _DEFAULTS.focal_alpha,
         focal_gamma: float = _DEFAULTS.focal_gamma,
         boundary_theta: float = _DEFAULTS.boundary_theta,

@@ -249,6 +249,22 @@ def test_build_loss_defaults_are_the_papers():
     assert loss.boundary_mode == "paper" and loss.pos_weight is None and loss.aux_weight == 0.4
 
 
+def test_combined_loss_without_arguments_is_the_config_default():
+    """CombinedLoss() takes the paper's weights and constants from LossConfig(): the same loss as build_loss."""
+    plain, built = CombinedLoss(), build_loss(LossConfig())
+    assert plain.weights == built.weights == {"dice": 1.0, "bce": 0.5, "focal": 1.0, "boundary": 0.5}
+    attrs = ("focal_alpha", "focal_gamma", "boundary_theta", "boundary_mode", "dice_eps", "aux_weight")
+    assert {a: getattr(plain, a) for a in attrs} == {a: getattr(built, a) for a in attrs}
+    assert plain.pos_weight is None and built.pos_weight is None
+    gen = torch.Generator().manual_seed(11)
+    logits, aux = torch.randn(3, 4, 16, 16, generator=gen) * 3, torch.randn(3, 4, 8, 8, generator=gen)
+    target = (torch.rand(3, 4, 16, 16, generator=gen) < 0.1).to(torch.uint8)
+    total, logs = plain(logits, target, aux_logits=aux, per_lesion=True)
+    ref_total, ref_logs = built(logits, target, aux_logits=aux, per_lesion=True)
+    assert total.item() == ref_total.item() and logs.keys() == ref_logs.keys()
+    assert all(torch.equal(logs[k], ref_logs[k]) for k in logs)
+
+
 def test_total_is_weighted_sum_of_channel_means():
     logits, target = make_case()
     total, logs = build_loss(LossConfig())(logits, target)

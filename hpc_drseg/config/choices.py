@@ -32,6 +32,10 @@ CBAM_IMPLS: tuple[str, ...] = get_args(CBAMImpl)
 AugmentPreset = Literal["paper", "light", "none"]
 AUGMENT_PRESETS: tuple[str, ...] = get_args(AugmentPreset)
 
+# Border fill of the geometric augmentations; the first, reflect_101, is what albumentations 1.x (the paper's code) did.
+AugmentBorder = Literal["reflect_101", "constant"]
+AUGMENT_BORDERS: tuple[str, ...] = get_args(AugmentBorder)
+
 BoundaryMode = Literal["paper", "edge_emphasis"]
 BOUNDARY_MODES: tuple[str, ...] = get_args(BoundaryMode)
 

@@ -12,6 +12,7 @@ from typing import Optional
 from hpc_drseg.config.checks import ConfigError, check_positive, check_range, check_unique_choices
 from hpc_drseg.config.choices import (
     CBAM_SITES,
+    AugmentBorder,
     AugmentPreset,
     BackboneName,
     BoundaryMode,
@@ -62,6 +63,8 @@ class AugmentConfig:
     """'paper': the paper's transforms (docs/method.md); 'light': flips/rotations only; 'none': resize+normalise."""
     strength: float = 1.0
     """Multiplies every transform's probability (0 disables all, 1 = the paper's values)."""
+    border: AugmentBorder = "reflect_101"
+    """Border fill of geometric transforms, image and mask alike: 'reflect_101' mirrors (paper code), 'constant' = 0."""
 
     def __post_init__(self) -> None:
         check_range("data.augment.strength", self.strength, 0.0, 2.0)
@@ -131,6 +134,8 @@ class ModelConfig:
     """Depthwise-separable ASPP/decoder convs (as SMP) instead of ordinary 3×3 convs (as the paper's code)."""
     use_aux_head: bool = False
     """Auxiliary FCN head on layer4 (paper code, not text); training only."""
+    align_corners: bool = True
+    """align_corners of the DeepLab models' bilinear upsampling (paper code: True); U-Net ignores it."""
     cbam: CBAMConfig = field(default_factory=CBAMConfig)
     """CBAM attention blocks (used by attention_deeplab only)."""
     unet_base_width: int = 32

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hpc_drseg.config import AugmentConfig  # noqa: E402
+from hpc_drseg.config.choices import AUGMENT_BORDERS, AugmentBorder  # noqa: E402
 from hpc_drseg.constants import LESIONS  # noqa: E402
 from hpc_drseg.errors import InputError  # noqa: E402
 
@@ -38,12 +39,23 @@ PAPER_P: dict[str, float] = {
 }
 _PAPER_PX = 512  # the resolution the paper's pixel-valued constants (elastic alpha, sigma) were chosen for
 
+# The paper's code ran albumentations 1.x GaussianBlur(blur_limit=3): kernel size 3 and sigma 0, handed to
+# cv2.GaussianBlur, which for sigma 0 and a size up to 7 takes its fixed table, [1, 2, 1] / 4, not the 0.3·(…) + 0.8
+# rule (σ 0.8 would weigh [0.239, 0.522, 0.239]). 2.x samples its 3 taps exp(-x² / 2σ²), which equal [1, 2, 1] / 4
+# at σ = 1 / sqrt(2 ln 2) ≈ 0.849; 2.x's default sigma range (0.5, 3.0) would blur up to an almost flat box.
+PAPER_BLUR_SIGMA = 1.0 / math.sqrt(2.0 * math.log(2.0))
+
+# cv2 border modes of `data.augment.border`. albumentations 1.x, the paper's code, defaulted every geometric
+# transform to BORDER_REFLECT_101 (image and mask mirrored into what a warp uncovers); 2.x defaults to constant 0.
+_BORDER_MODES: dict[str, int] = {"reflect_101": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT}
+
 
 class Augment:
     """`(image H×W×3 uint8, mask H×W×4 uint8 0/1) -> (image, mask)`, the same shapes and dtypes.
 
-    Geometric transforms move the 4-channel mask with nearest interpolation and fill 0; photometric ones touch the
-    image only. The random state belongs to this object (albumentations ignores the global RNGs): see `reseed`.
+    Geometric transforms move the 4-channel mask with nearest interpolation and fill its border as the image's
+    (mirrored, or 0: `data.augment.border`); photometric ones touch the image only. The random state belongs to this
+    object (albumentations ignores the global RNGs): see `reseed`.
     """
 
     def __init__(self, compose: A.Compose, image_px: int) -> None:
@@ -84,10 +96,12 @@ def build_augment(cfg: AugmentConfig, image_px: int, seed: int | None = None, st
     """
     if image_px <= 0:
         raise InputError(f"image_px: got {image_px}; it must be > 0 (data.image_px)")
+    if cfg.border not in AUGMENT_BORDERS:
+        raise InputError(f"data.augment.border: got {cfg.border!r}; choose one of {list(AUGMENT_BORDERS)}")
     if cfg.preset == "none" or cfg.strength == 0:
         return None
     if cfg.preset == "paper":
-        transforms = _paper_transforms(cfg.strength, image_px, stock)
+        transforms = _paper_transforms(cfg.strength, image_px, stock, cfg.border)
     elif cfg.preset == "light":
         transforms = _flips(cfg.strength, stock)
     else:
@@ -113,8 +127,11 @@ def _flips(strength: float, stock: bool = False) -> list[A.BasicTransform]:
     ]
 
 
-def _paper_transforms(strength: float, image_px: int, stock: bool = False) -> list[Any]:
-    geometric_border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
+def _paper_transforms(
+    strength: float, image_px: int, stock: bool = False, border: AugmentBorder = "reflect_101"
+) -> list[Any]:
+    # fill and fill_mask are read only with the constant border; flips and 90° rotations never leave the image.
+    geometric_border = {"border_mode": _BORDER_MODES[border], "fill": 0, "fill_mask": 0}
     # 1.x ShiftScaleRotate: one isotropic scale (keep_ratio), independent x/y shifts, no shear.
     affine = A.Affine(
         translate_percent={"x": (-0.0625, 0.0625), "y": (-0.0625, 0.0625)},
@@ -140,7 +157,9 @@ def _paper_transforms(strength: float, image_px: int, stock: bool = False) -> li
     # 1.x var_limit (10, 50) was a variance on the 0-255 scale; 2.x std_range is a standard deviation / 255.
     noise = A.GaussNoise(std_range=(math.sqrt(10) / 255, math.sqrt(50) / 255), p=_p("GaussNoise", strength))
     # (3, 3): a fixed 3×3 kernel. A bare 3 means (0, 3) in 2.x, and 0 derives kernels up to 21 px from sigma.
-    blur = A.GaussianBlur(blur_limit=(3, 3), p=_p("GaussianBlur", strength))
+    blur = A.GaussianBlur(
+        blur_limit=(3, 3), sigma_limit=(PAPER_BLUR_SIGMA, PAPER_BLUR_SIGMA), p=_p("GaussianBlur", strength)
+    )
     px_scale = image_px / _PAPER_PX  # elastic alpha and sigma are in pixels: keep the paper's field at other sizes
     elastic = (A.ElasticTransform if stock else ElasticTransformLowRankBlur)(
         alpha=1.0 * px_scale, sigma=50.0 * px_scale, p=0.15, **geometric_border

@@ -75,6 +75,11 @@ class ASPP(nn.Module):
         return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
 
 
-def upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear resize of (B, C, h, w) to `size` (align_corners=False, as torchvision's segmentation models)."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+def upsample_to(x: Tensor, size: Sequence[int], align_corners: bool = True) -> Tensor:
+    """Bilinear resize of (B, C, h, w) to `size`.
+
+    align_corners=True (the paper's code) maps the corner pixel centres of input and output onto each other;
+    False (torchvision's segmentation models) maps the corner edges, i.e. treats pixels as areas. The two sample the
+    input at slightly different positions, so a checkpoint is best evaluated with the setting it trained with.
+    """
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)

@@ -21,8 +21,9 @@ from hpc_drseg.models.cbam import CBAM, CBAMImpl
 class DeepLabDecoder(nn.Module):
     """Fuses ASPP output (B, aspp_ch, H/os, W/os) with layer1 (B, low_ch, H/4, W/4) → logits (B, n_classes, H/4, W/4).
 
-    low-level 1×1 → 48 + BN + ReLU [→ CBAM]; ASPP output [→ CBAM] upsampled to H/4 and concatenated (aspp_ch + 48)
-    → 3×3 256 + BN + ReLU + Dropout(0.5) → 3×3 256 + BN + ReLU + Dropout(0.1) → 1×1 to n_classes (with bias).
+    low-level 1×1 → 48 + BN + ReLU [→ CBAM]; ASPP output [→ CBAM] upsampled bilinearly to H/4 (`align_corners`) and
+    concatenated (aspp_ch + 48) → 3×3 256 + BN + ReLU + Dropout(0.5) → 3×3 256 + BN + ReLU + Dropout(0.1) → 1×1 to
+    n_classes (with bias).
     """
 
     def __init__(
@@ -33,8 +34,10 @@ class DeepLabDecoder(nn.Module):
         separable: bool,
         aspp_attention: nn.Module,
         low_level_attention: nn.Module,
+        align_corners: bool = True,
     ):
         super().__init__()
+        self.align_corners = align_corners
         self.low_level = nn.Sequential(nn.Conv2d(low_ch, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(inplace=True))
         self.aspp_attention = aspp_attention
         self.low_level_attention = low_level_attention
@@ -48,7 +51,7 @@ class DeepLabDecoder(nn.Module):
 
     def forward(self, aspp_out: Tensor, low_level: Tensor) -> Tensor:
         low = self.low_level_attention(self.low_level(low_level))  # (B, 48, H/4, W/4)
-        high = upsample_to(self.aspp_attention(aspp_out), low.shape[-2:])  # (B, 256, H/4, W/4)
+        high = upsample_to(self.aspp_attention(aspp_out), low.shape[-2:], self.align_corners)  # (B, 256, H/4, W/4)
         # high-level first, the channel order of the DeepLab-V3+ reference code; (B, 256 + 48, H/4, W/4)
         return self.classifier(self.fuse(torch.cat([high, low], dim=1)))
 
@@ -73,7 +76,9 @@ class DeepLabV3Plus(nn.Module):
     weighted by loss.aux_weight. In eval mode the aux head is skipped and a plain tensor is returned.
 
     Defaults are the paper's: ResNet-50, output stride 32 (ASPP on 16×16 at 512² input), rates (6, 12, 18), ordinary
-    3×3 convs. pretrained_path = local torchvision ImageNet state-dict file for the backbone (never downloaded).
+    3×3 convs, align_corners=True for the bilinear upsamplings (ASPP output ×os/4 in the decoder, logits ×4 to the
+    input size, and the aux logits; the image-pooling branch is a broadcast either way). pretrained_path = local
+    torchvision ImageNet state-dict file for the backbone (never downloaded).
     """
 
     def __init__(
@@ -88,12 +93,14 @@ class DeepLabV3Plus(nn.Module):
         cbam_reduction: int = 16,
         cbam_kernel_size: int = 7,
         cbam_impl: CBAMImpl = "eager",
+        align_corners: bool = True,
     ):
         super().__init__()
         bad = [s for s in cbam_sites if s not in CBAM_SITES]
         if bad:
             raise InputError(f"cbam_sites: got {list(cbam_sites)}; each must be one of {list(CBAM_SITES)}")
         self.output_stride = output_stride
+        self.align_corners = align_corners
         self.cbam_sites = tuple(cbam_sites)
         self.backbone = build_backbone(backbone, output_stride, pretrained_path)
         out_ch, low_ch = self.backbone.channels["out"], self.backbone.channels["low_level"]
@@ -105,7 +112,7 @@ class DeepLabV3Plus(nn.Module):
             return CBAM(channels, cbam_reduction, cbam_kernel_size, cbam_impl)
 
         self.decoder = DeepLabDecoder(
-            256, low_ch, len(LESIONS), separable, attention("aspp", 256), attention("low_level", 48)
+            256, low_ch, len(LESIONS), separable, attention("aspp", 256), attention("low_level", 48), align_corners
         )
         self.aux_head = AuxHead(out_ch, len(LESIONS)) if use_aux_head else None
 
@@ -113,8 +120,8 @@ class DeepLabV3Plus(nn.Module):
         check_divisible(image.shape[-2], image.shape[-1], self.output_stride, "DeepLab-V3+")
         features = self.backbone(image)  # {"low_level": stride 4, "out": stride output_stride}
         logits = self.decoder(self.aspp(features["out"]), features["low_level"])  # (B, 4, H/4, W/4)
-        logits = upsample_to(logits, image.shape[-2:])
+        logits = upsample_to(logits, image.shape[-2:], self.align_corners)
         if self.aux_head is None or not self.training:
             return logits
-        aux = upsample_to(self.aux_head(features["out"]), image.shape[-2:])
+        aux = upsample_to(self.aux_head(features["out"]), image.shape[-2:], self.align_corners)
         return {"logits": logits, "aux": aux}

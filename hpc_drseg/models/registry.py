@@ -52,6 +52,7 @@ def _build(cfg: ModelConfig, cbam_impl: str, load_weights: bool) -> nn.Module:
         cbam_reduction=cfg.cbam.reduction,
         cbam_kernel_size=cfg.cbam.kernel_size,
         cbam_impl=cbam_impl,  # type: ignore[arg-type]
+        align_corners=cfg.align_corners,
     )
 
 
