@@ -1,13 +1,16 @@
-"""Per-rank reading of the WebDataset shards written by data/shards.py: an endless, seeded training stream cut to the
-same number of steps on every rank (DDP would hang otherwise), and an evaluation stream that yields every sample
-exactly once across ranks. Never pass these loaders through accelerator.prepare (it would re-split or broadcast).
+"""Per-rank reading of the WebDataset shards written by data/shards.py: training epochs that are seeded permutations
+of the training set, padded to the same number of whole batches on every rank (DDP would hang otherwise), and an
+evaluation stream that yields every sample exactly once across ranks. Never pass these loaders through
+accelerator.prepare (it would re-split or broadcast).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -60,12 +63,6 @@ def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
     return max(1, math.ceil(num_images / (batch_size * world_size)))
 
 
-def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
-    """A 63-bit seed, distinct per (seed, epoch, rank, worker), stable across runs and machines."""
-    state = np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
 # ------------------------------------------------------------------------------------------------- decoding
 def decode_sample(raw: dict[str, Any], shard: Path, with_native: bool = False) -> Sample:
     """Raw tar sample {'__key__', 'image.png' or 'image.npy', 'mask.png', ...} → Sample; masks stay H×W bit planes."""
@@ -116,112 +113,196 @@ def _worker_slot() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _shuffled(samples: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
-    """Streaming shuffle: keeps `buffer_size` items and yields a random one for each new one."""
-    buffer: list[Any] = []
-    for item in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(buffer_size)
-        buffer[index], item = item, buffer[index]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 # ------------------------------------------------------------------------------------------------- training
-class _TrainStream(IterableDataset):
-    """Endless batches for one rank; each DataLoader worker derives its order from (seed, epoch, rank, worker).
+def epoch_batches(
+    num_ids: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, pass_index: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One rank's batches of one pass over `num_ids` samples: (sample indices, positions), both (steps, batch_size).
 
-    Shard order: pass p of the epoch draws one permutation of all shards from (seed, epoch, p), shared by every
-    rank, and slot rank·workers + worker takes every slots-th shard of it, so ranks and workers read disjoint shards
-    within a pass. With fewer shards than slots each slot draws its own permutation instead. A streaming buffer then
-    shuffles samples across shards. (Like wds.ResampledShards(deterministic=True), but without replacement and with
-    rank given explicitly rather than read from the environment.)
+    As torch's DistributedSampler(shuffle=True, drop_last=False) followed by batching on each rank: one permutation
+    of all ids drawn from (seed, epoch, pass_index), shared by every rank and independent of the loader workers, is
+    padded by repeating its first ids up to steps_per_epoch · batch_size · world_size entries (DDP needs the same
+    number of whole batches on every rank; nothing is dropped), and rank r takes every world_size-th entry from r.
+    A position is the entry's index in the padded order plus pass_index · its length: unique within an epoch, it
+    seeds the sample's augmentation (`sample_seed`), so padding duplicates are augmented differently.
     """
-
-    def __init__(
-        self,
-        paths: list[Path],
-        keep_ids: Optional[frozenset[str]],
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        epoch: int,
-        shuffle_buffer: int,
-        augment: Optional[Augment],
-    ) -> None:
-        super().__init__()
-        self.paths, self.keep_ids, self.batch_size = paths, keep_ids, batch_size
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
-        self.shuffle_buffer, self.augment = shuffle_buffer, augment
-
-    def __iter__(self) -> Iterator[Batch]:
-        worker, num_workers = _worker_slot()
-        seed = stream_seed(self.seed, self.epoch, self.rank, worker)
-        _seed_worker(seed, self.augment, in_worker=get_worker_info() is not None)
-        samples = self._samples(self.rank * num_workers + worker, self.world_size * num_workers, worker)
-        batch: list[Sample] = []
-        for raw, shard in _shuffled(samples, self.shuffle_buffer, random.Random(seed)):
-            batch.append(_augmented(decode_sample(raw, shard), self.augment))
-            if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch = []
-
-    def _samples(self, slot: int, slots: int, worker: int) -> Iterator[tuple[dict[str, Any], Path]]:
-        for shard_pass in itertools.count():
-            if len(self.paths) >= slots:
-                order = np.random.default_rng([self.seed, self.epoch, shard_pass]).permutation(len(self.paths))
-                order = order[slot::slots]
-            else:
-                rng = np.random.default_rng([self.seed, self.epoch, shard_pass, self.rank, worker])
-                order = rng.permutation(len(self.paths))
-            count = 0
-            for index in order:
-                for raw in iter_shard_samples(self.paths[index]):
-                    if self.keep_ids is None or raw["__key__"] in self.keep_ids:
-                        count += 1
-                        yield raw, self.paths[index]
-            if count == 0:
-                raise InputError(f"training shards {[str(self.paths[i]) for i in order]} hold no usable sample")
+    steps = steps_per_epoch(num_ids, batch_size, world_size)
+    padded = steps * batch_size * world_size
+    order = np.resize(np.random.default_rng([seed, epoch, pass_index]).permutation(num_ids), padded)  # cyclic
+    places = np.arange(rank, padded, world_size)
+    return order[places].reshape(steps, batch_size), (places + pass_index * padded).reshape(steps, batch_size)
 
 
-def _seed_worker(seed: int, augment: Optional[Augment], in_worker: bool) -> None:
-    """Reseeds the augmentation (its own generators, via an optional `reseed(seed)` method) and, inside a DataLoader
-    worker only, the global RNGs and OpenCV threads. The trainer's process keeps its global RNG state."""
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for the augmentation of the sample at `position` of an epoch (see `epoch_batches`).
+
+    It depends on nothing else (not the rank's worker count, not the batches before it), so a sample is augmented
+    identically with any number of workers, and a resumed epoch can skip batches without augmenting them.
+    """
+    state = np.random.SeedSequence([seed, epoch, position]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, augment: Augment) -> Iterator[None]:
+    """Seeds the augmentation's own generators (through an optional `reseed(seed)` method) and the global random,
+    numpy and torch CPU generators for one sample, then restores the global ones: the result depends on `seed` alone
+    in any process, and the trainer's process (num_workers = 0) keeps its RNG stream (dropout, exact resume)."""
     reseed = getattr(augment, "reseed", None)
     if callable(reseed):
         reseed(seed)
-    if in_worker:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        cv2.setNumThreads(0)  # serial OpenCV in workers; 1 can deadlock a fork whose parent used the pool
+    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.set_rng_state(saved[2])
+
+
+class _Order(NamedTuple):
+    """What fixes one rank's batches in an epoch: `epoch_batches`' arguments between num_ids and pass_index."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int
+
+
+class _TrainData(NamedTuple):
+    """The samples trained on: ids (index = sample index), the shard of each, each shard's path and members."""
+
+    ids: list[str]
+    shard_of: list[int]
+    paths: list[Path]
+    members: list[list[int]]
+
+
+def _train_data(folder: Path, info: dict[str, Any], subset: int) -> _TrainData:
+    """The split's samples, or with `subset` > 0 only its first `subset` in id order (a fixed subset: debug runs)."""
+    count = info["images"] if subset <= 0 else min(subset, info["images"])
+    data = _TrainData([], [], [], [])
+    for path, group_ids in shard_groups(folder, info):
+        taken = group_ids[: count - len(data.ids)]
+        if not taken:
+            break
+        data.members.append(list(range(len(data.ids), len(data.ids) + len(taken))))
+        data.shard_of.extend([len(data.paths)] * len(taken))
+        data.paths.append(path)
+        data.ids.extend(taken)
+    return data
+
+
+class _RawSamples:
+    """Undecoded samples of one worker for one pass, read from the tar shards when a batch first needs them.
+
+    A tar shard is a stream: reaching a sample means reading all those before it. So when a batch needs a sample not
+    read yet, the worker reads its shard up to the last sample it still needs from it, keeps the raw bytes of every
+    sample of that shard its later batches use, and drops a sample after its last use (padding may use one twice).
+    Cost per pass: a worker reads each shard that holds one of its samples at most once, so at most the whole split
+    (DDR's 383 training images at 512 px: a few hundred MB, mostly from the page cache that all ranks and workers
+    of a node share; all of them together read at most ranks × workers times the split), and holds at most its own
+    share of the split's bytes undecoded (split / (ranks × workers); under 100 MB per worker for DDR at 512 px with
+    2 workers). Only this worker's samples are decoded and augmented, one batch at a time.
+    """
+
+    def __init__(self, data: _TrainData, uses: Counter[int]) -> None:
+        self.data, self.uses, self.cache = data, uses, {}
+
+    def take(self, index: int) -> tuple[dict[str, Any], Path]:
+        """The raw tar sample with sample index `index` and the shard it came from."""
+        if index not in self.cache:
+            self._read(self.data.shard_of[index])
+        raw = self.cache[index]
+        self.uses[index] -= 1
+        if self.uses[index] == 0:
+            del self.cache[index]
+        return raw, self.data.paths[self.data.shard_of[index]]
+
+    def _read(self, shard: int) -> None:
+        """Caches every sample of `shard` still to be used, reading no further than the last of them."""
+        path, ids = self.data.paths[shard], self.data.ids
+        wanted = {ids[i]: i for i in self.data.members[shard] if self.uses[i] > 0 and i not in self.cache}
+        with contextlib.closing(iter_shard_samples(path)) as samples:
+            for raw in samples:
+                index = wanted.pop(raw["__key__"], None)
+                if index is not None:
+                    self.cache[index] = raw
+                if not wanted:
+                    return  # the rest of the shard holds nothing this worker needs in this pass
+        raise InputError(
+            f"shard {path} lacks the samples {sorted(wanted)} that the manifest lists in it; "
+            "re-run `drseg shard --overwrite`"
+        )
+
+
+class _TrainStream(IterableDataset):
+    """Batches `start`..`steps`-1 of one rank's epoch; DataLoader worker w of W makes batches start+w, start+w+W, …
+
+    torch's DataLoader takes one batch from each worker in turn, so it yields the rank's batches in order, and since
+    a batch's ids and augmentation depend only on (seed, epoch, rank, batch), any worker count gives the same ones.
+    Batch k of the epoch is batch k mod S of pass k // S, S = steps_per_epoch: `steps` <= S is a prefix of the
+    epoch's permutation; `steps` > S (train.steps_per_epoch) goes on into further permutations of the same epoch.
+    """
+
+    def __init__(self, data: _TrainData, order: _Order, start: int, steps: int, augment: Optional[Augment]) -> None:
+        super().__init__()
+        self.data, self.order, self.start, self.steps, self.augment = data, order, start, steps, augment
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = _worker_slot()
+        if get_worker_info() is not None:
+            cv2.setNumThreads(0)  # serial OpenCV in workers; 1 can deadlock a fork whose parent used the pool
+        order = self.order
+        per_pass = steps_per_epoch(len(self.data.ids), order.batch_size, order.world_size)
+        mine = range(self.start + worker, self.steps, workers)
+        for pass_index, batches in itertools.groupby(mine, key=lambda k: k // per_pass):
+            indices, positions = epoch_batches(len(self.data.ids), *order, pass_index)
+            rows = [k % per_pass for k in batches]
+            yield from self._batches(indices[rows].tolist(), positions[rows].tolist())
+
+    def _batches(self, indices: list[list[int]], positions: list[list[int]]) -> Iterator[Batch]:
+        raw = _RawSamples(self.data, Counter(i for row in indices for i in row))
+        for row, places in zip(indices, positions):
+            yield collate([self._sample(*raw.take(i), place) for i, place in zip(row, places)])
+
+    def _sample(self, raw: dict[str, Any], shard: Path, position: int) -> Sample:
+        sample = decode_sample(raw, shard)
+        if self.augment is None:
+            return sample
+        with _seeded(sample_seed(self.order.seed, self.order.epoch, position), self.augment):
+            return _augmented(sample, self.augment)
 
 
 class TrainLoader:
-    """Iterable of exactly `steps` Batches (the same count on every rank); len() = steps."""
+    """Iterable of one rank's Batches of one epoch from batch `start` on: the same count on every rank.
 
-    def __init__(self, stream: _TrainStream, steps: int, num_workers: int, num_images: int) -> None:
-        self.stream, self.steps, self.num_workers, self.num_images = stream, steps, num_workers, num_images
+    `steps`: batches in the whole epoch; len() = the batches this loader yields, steps - start.
+    """
+
+    def __init__(self, stream: _TrainStream, num_workers: int, num_images: int) -> None:
+        self.stream, self.num_workers, self.num_images = stream, num_workers, num_images
+        self.steps, self.start = stream.steps, stream.start
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps - self.start
 
     def __iter__(self) -> Iterator[Batch]:
-        yield from _run(self.stream, self.num_workers, self.steps)
+        yield from _run(self.stream, min(self.num_workers, len(self)))
 
 
-def _run(stream: IterableDataset, num_workers: int, limit: Optional[int]) -> Iterator[Batch]:
-    """Iterates a DataLoader over `stream` (at most `limit` batches) and always stops its workers on the way out.
+def _run(stream: IterableDataset, num_workers: int) -> Iterator[Batch]:
+    """Iterates a DataLoader over `stream` and always stops its workers on the way out.
 
-    Without the explicit shutdown, an error (or an endless training stream) would leave the workers to the garbage
+    Without the explicit shutdown, an error (or a consumer that stops early) would leave the workers to the garbage
     collector, and the next loader's workers would fork a copy of the half-dead one.
     """
     # A private generator: DataLoader otherwise draws its base seed from the global torch RNG at every iter(), which
-    # would shift the trainer's dropout stream and break exact mid-epoch resume. Workers reseed from stream_seed.
+    # would shift the trainer's dropout stream and break exact mid-epoch resume. Samples are seeded by sample_seed.
     loader = DataLoader(
         stream,
         batch_size=None,
@@ -231,7 +312,7 @@ def _run(stream: IterableDataset, num_workers: int, limit: Optional[int]) -> Ite
     )
     iterator = iter(loader)
     try:
-        yield from itertools.islice(iterator, limit)
+        yield from iterator
     finally:
         shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own cleanup (multi-process iterators only)
         if shutdown is not None:
@@ -261,37 +342,37 @@ def build_train_loader(
     num_workers: int,
     augment: Optional[Augment] = None,
     steps: Optional[int] = None,
-    shuffle_buffer: int = 64,
     subset: int = 0,
+    start_batch: int = 0,
 ) -> TrainLoader:
-    """Training batches of this rank for one epoch: `steps` (default steps_per_epoch of the split, or of `subset`)
-    full batches, reproducible from (seed, epoch, rank, num_workers); another epoch gives another order.
+    """Training batches of this rank for one epoch: a permutation of the training ids from (seed, epoch), padded and
+    split over ranks as torch's DistributedSampler does (see `epoch_batches`), in `steps` full batches (default
+    steps_per_epoch of the split, or of `subset`; see `_TrainStream` for other values). Another epoch or seed gives
+    another permutation; the number of workers changes nothing.
 
     `subset` > 0 uses only the split's first `subset` samples (id order; debug runs). `augment` maps (image H×W×3,
-    mask H×W×4) uint8 → the same; if it has a `reseed(seed)` method it is reseeded per (seed, epoch, rank, worker).
+    mask H×W×4) uint8 → the same; it is seeded per sample (`sample_seed`), through its `reseed(seed)` method if it
+    has one and the global RNGs. `start_batch` > 0 skips the epoch's first batches without reading or augmenting
+    them and yields exactly the rest (resuming mid-epoch).
     """
     _check_rank(rank, world_size, num_workers)
-    if batch_size < 1 or shuffle_buffer < 1 or subset < 0 or seed < 0 or epoch < 0:
+    if batch_size < 1 or subset < 0 or seed < 0 or epoch < 0 or start_batch < 0:
         raise InputError(
-            f"build_train_loader: got batch_size={batch_size}, shuffle_buffer={shuffle_buffer}, subset={subset}, "
-            f"seed={seed}, epoch={epoch}; need batch_size, shuffle_buffer >= 1 and subset, seed, epoch >= 0"
+            f"build_train_loader: got batch_size={batch_size}, subset={subset}, seed={seed}, epoch={epoch}, "
+            f"start_batch={start_batch}; need batch_size >= 1 and subset, seed, epoch, start_batch >= 0"
         )
-    manifest = read_manifest(shards_dir)
-    paths, keep_ids, num_images = _train_shards(Path(shards_dir), split_info(manifest, split, shards_dir), subset)
-    steps = steps_per_epoch(num_images, batch_size, world_size) if steps is None else steps
-    if steps < 1:
-        raise InputError(f"steps: got {steps}; it must be >= 1 (or None for one pass over the images)")
-    stream = _TrainStream(paths, keep_ids, batch_size, rank, world_size, seed, epoch, shuffle_buffer, augment)
-    return TrainLoader(stream, steps, num_workers, num_images)
-
-
-def _train_shards(folder: Path, info: dict[str, Any], subset: int) -> tuple[list[Path], Optional[frozenset], int]:
-    """Shard paths, the ids to keep (None = all) and the number of images used."""
-    groups = shard_groups(folder, info)
-    if subset <= 0 or subset >= info["images"]:
-        return [path for path, _ in groups], None, info["images"]
-    keep = frozenset(info["ids"][:subset])
-    return [path for path, ids in groups if keep.intersection(ids)], keep, subset
+    info = split_info(read_manifest(shards_dir), split, shards_dir)
+    data = _train_data(Path(shards_dir), info, subset)
+    if not data.ids:
+        raise InputError(f"split '{split}' in {shards_dir} holds no images to train on; re-run `drseg shard`")
+    steps = steps_per_epoch(len(data.ids), batch_size, world_size) if steps is None else steps
+    if steps < 1 or start_batch > steps:
+        raise InputError(
+            f"steps={steps}, start_batch={start_batch}: need steps >= 1 (or None for one pass over the images) "
+            "and start_batch <= steps"
+        )
+    order = _Order(batch_size, rank, world_size, seed, epoch)
+    return TrainLoader(_TrainStream(data, order, start_batch, steps, augment), num_workers, len(data.ids))
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -372,7 +453,7 @@ class EvalLoader:
         return sum(math.ceil(len(slot.ids) / self.stream.batch_size) for slot in self.stream.slots)
 
     def __iter__(self) -> Iterator[Batch]:
-        yield from _run(self.stream, self.num_workers, None)
+        yield from _run(self.stream, self.num_workers)
 
 
 def build_eval_loader(

@@ -8,7 +8,6 @@ position in the epoch's deterministic data stream (the Checkpointer of train/che
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -169,6 +168,8 @@ class Trainer:
         seed_everything(cfg.train.seed * 1000 + self.rank)  # dropout differs per rank, reproducibly
 
     def _steps_per_epoch(self) -> int:
+        """Batches per rank per epoch: train.steps_per_epoch if set (the loader then cuts the epoch's permutation
+        short or goes on into further ones), else one padded pass over the images (capped in debug runs)."""
         cfg = self.cfg
         if cfg.train.steps_per_epoch:
             return cfg.train.steps_per_epoch
@@ -218,8 +219,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ epochs
     def _train_batches(self, epoch: int) -> Iterable[Batch]:
+        """This rank's rest of the epoch: a seeded permutation of the training set (data/pipeline.py), from
+        progress.step_in_epoch on."""
         cfg = self.cfg
-        loader = build_train_loader(
+        return build_train_loader(
             shards_dir=cfg.data.shards,
             split=cfg.data.train_split,
             batch_size=cfg.train.batch_size,
@@ -230,12 +233,11 @@ class Trainer:
             num_workers=cfg.data.num_workers,
             augment=self.augment,
             steps=self.steps,
-            shuffle_buffer=cfg.data.shuffle_buffer,
             subset=cfg.data.subset,
+            # Resuming mid-epoch: an epoch's batches and their augmentation depend only on (seed, epoch, rank,
+            # batch), so the loader skips the consumed ones unread and goes on exactly where the interrupted run was.
+            start_batch=self.progress.step_in_epoch,
         )
-        # Resuming mid-epoch: the epoch's stream is deterministic, so replaying and dropping the consumed batches
-        # puts data and augmentation exactly where the interrupted run was.
-        return itertools.islice(loader, self.progress.step_in_epoch, None)
 
     def run_epoch(self, epoch: int) -> EpochStats:
         """Trains the rest of one epoch (from progress.step_in_epoch); stops early on a signal or train.max_steps."""

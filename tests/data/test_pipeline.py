@@ -1,5 +1,6 @@
-"""Per-rank reading pipeline on real shards: batch format, reproducible order, equal steps on every rank, eval
-samples exactly once across ranks × workers, clear errors on damaged shards."""
+"""Per-rank reading pipeline on real shards: batch format, every epoch a seeded permutation padded to equal steps on
+every rank, the same batches for any worker count, cheap mid-epoch skip, eval samples exactly once across ranks ×
+workers, clear errors on damaged shards."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from hpc_drseg.constants import LESIONS
+from hpc_drseg.data import pipeline
 from hpc_drseg.data.ddr import find_samples, read_sample
 from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader, decode_sample, steps_per_epoch
 from hpc_drseg.data.shards import iter_shard_samples, read_manifest, shard_groups
@@ -87,15 +89,6 @@ def test_two_ranks_two_workers_get_equal_steps(shards_dir: Path) -> None:
     assert [b.ids for b in rank0] != [b.ids for b in rank1]
 
 
-def test_ranks_and_workers_read_disjoint_shards_within_a_pass(shards_dir: Path) -> None:
-    # 4 train shards of 2 = 2 ranks × 2 workers: with no shuffle buffer the first batch of each slot is one shard.
-    ids = []
-    for rank in range(2):
-        for batch in _train(shards_dir, rank=rank, world_size=2, num_workers=2, shuffle_buffer=1):
-            ids.extend(batch.ids)
-    assert sorted(ids) == read_manifest(shards_dir)["splits"]["train"]["ids"]
-
-
 def test_subset_uses_only_the_first_ids(shards_dir: Path) -> None:
     first3 = read_manifest(shards_dir)["splits"]["train"]["ids"][:3]
     batches = _train(shards_dir, subset=3, steps=5)
@@ -146,6 +139,101 @@ def test_random_augment_is_reproducible_in_workers(shards_dir: Path, augment) ->
 def test_augment_must_keep_shapes(shards_dir: Path) -> None:
     with pytest.raises(ValueError, match="augment changed the shapes"):
         _train(shards_dir, augment=lambda image, mask: (image[:64], mask[:64]))
+
+
+# ------------------------------------------------------------------------------------------- epoch contract
+def _ids(batches: list[Batch]) -> list[str]:
+    return [sample_id for batch in batches for sample_id in batch.ids]
+
+
+def _padded_order(per_rank: list[list[Batch]]) -> list[str]:
+    """The global order the ranks took their ids from: entry i went to rank i mod world (DistributedSampler)."""
+    flat = [_ids(batches) for batches in per_rank]
+    return [flat[i % len(flat)][i // len(flat)] for i in range(sum(map(len, flat)))]
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 2])
+def test_one_rank_epoch_visits_every_training_id_once(shards_dir: Path, epoch: int) -> None:
+    expected = read_manifest(shards_dir)["splits"]["train"]["ids"]
+    assert sorted(_ids(_train(shards_dir, epoch=epoch))) == expected
+    # 8 ids in batches of 3: one padded pass of 9, the 9th repeats the permutation's first id.
+    order = _ids(_train(shards_dir, epoch=epoch, batch_size=3))
+    assert len(order) == 9 and sorted(order[:8]) == expected and order[8] == order[0]
+
+
+@pytest.mark.parametrize("world, workers", [(2, 0), (2, 2), (3, 0), (3, 1)])
+def test_ranks_split_one_padded_permutation(shards_dir: Path, world: int, workers: int) -> None:
+    expected = read_manifest(shards_dir)["splits"]["train"]["ids"]
+    per_rank = [_train(shards_dir, rank=rank, world_size=world, num_workers=workers) for rank in range(world)]
+    steps = steps_per_epoch(len(expected), 2, world)
+    assert [len(batches) for batches in per_rank] == [steps] * world
+    assert all(len(batch.ids) == 2 for batches in per_rank for batch in batches)
+    order = _padded_order(per_rank)
+    assert len(order) == steps * 2 * world  # 8 for 2 ranks, 12 for 3: 4 padding entries
+    assert sorted(order[: len(expected)]) == expected  # every id once ...
+    assert order[len(expected) :] == order[: len(order) - len(expected)]  # ... then the first ones again
+    assert Counter(order) == Counter(expected + order[: len(order) - len(expected)])
+
+
+def test_permutation_is_fixed_by_seed_and_epoch(shards_dir: Path) -> None:
+    orders = {(seed, epoch): _ids(_train(shards_dir, seed=seed, epoch=epoch)) for seed in (0, 1) for epoch in (0, 1)}
+    assert len({tuple(order) for order in orders.values()}) == 4
+    assert _ids(_train(shards_dir, seed=1, epoch=1, num_workers=2)) == orders[1, 1]
+
+
+@pytest.mark.parametrize(
+    "augment", [_RandomFlip, lambda: _global_rng_noise, lambda: None], ids=["reseed", "global", "none"]
+)
+def test_batches_do_not_depend_on_the_number_of_workers(shards_dir: Path, augment) -> None:
+    for extra in ({}, {"rank": 1, "world_size": 3}, {"steps": 7}):  # padding; further permutations in one epoch
+        runs = [_train(shards_dir, num_workers=workers, augment=augment(), **extra) for workers in (0, 1, 2)]
+        assert _same(runs[0], runs[1]) and _same(runs[0], runs[2])
+
+
+def test_start_batch_yields_exactly_the_tail_of_the_epoch(shards_dir: Path) -> None:
+    for workers, steps in ((0, None), (2, 7)):
+        full = _train(shards_dir, augment=_RandomFlip(), num_workers=workers, steps=steps)
+        for start in range(len(full) + 1):
+            loader = build_train_loader(
+                shards_dir, "train", 2, 0, 1, 0, 0, workers, _RandomFlip(), steps, start_batch=start
+            )
+            tail = list(loader)
+            assert len(loader) == len(tail) == len(full) - start and _same(tail, full[start:])
+
+
+def test_start_batch_decodes_only_the_remaining_samples(shards_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[str] = []
+    real = pipeline.decode_sample
+    monkeypatch.setattr(pipeline, "decode_sample", lambda raw, *a: decoded.append(raw["__key__"]) or real(raw, *a))
+    tail = _train(shards_dir, start_batch=3)
+    assert len(tail) == 1 and decoded == tail[0].ids
+
+
+def test_steps_per_epoch_cuts_or_extends_the_permutation(shards_dir: Path) -> None:
+    expected = read_manifest(shards_dir)["splits"]["train"]["ids"]
+    one_pass = _train(shards_dir)
+    assert _same(_train(shards_dir, steps=2), one_pass[:2])  # fewer steps: a prefix of the epoch's permutation
+    longer = _ids(_train(shards_dir, steps=7))  # more: the epoch goes on into a second permutation
+    assert longer[:8] == _ids(one_pass) and len(set(longer[8:])) == 6  # 6 distinct ids: a second permutation's
+    assert set(longer[8:]) <= set(expected) and longer[8:] != longer[:6]  # prefix, not the first one again
+
+
+def test_training_leaves_the_callers_random_state_alone(shards_dir: Path) -> None:
+    np.random.seed(7)
+    torch.manual_seed(7)
+    _train(shards_dir, augment=_global_rng_noise)
+    after = np.random.random(), torch.rand(1).item()
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert after == (np.random.random(), torch.rand(1).item())
+
+
+def test_workers_read_only_the_shards_of_their_samples(shards_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[str] = []
+    real = pipeline.iter_shard_samples
+    monkeypatch.setattr(pipeline, "iter_shard_samples", lambda path: read.append(path.name) or real(path))
+    _train(shards_dir, subset=3)  # ids 0, 1 in shard 0, id 2 in shard 1: shards 2 and 3 are never opened
+    assert sorted(read) == ["train-000000.tar", "train-000001.tar"]
 
 
 # ---------------------------------------------------------------------------------------------------- eval
