@@ -34,6 +34,7 @@ from hpc_drseg.train.runtime import (
     model_input_dtype,
     seed_everything,
     set_debug_mode,
+    shut_down,
 )
 from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag
 from hpc_drseg.train.validate import collect_metrics, flatten_results
@@ -397,7 +398,7 @@ def train(cfg: RunConfig) -> TrainResult:
     try:
         result = trainer.fit()
     finally:
-        trainer.accelerator.end_training()
+        shut_down(trainer.accelerator)
     if trainer.is_main:
         log.info("%s: %s", result.run_dir, result.reason)
     return result
