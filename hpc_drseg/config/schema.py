@@ -84,8 +84,6 @@ class DataConfig:
     """Split reported by `drseg eval` by default."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the main process)."""
-    shuffle_buffer: int = 64
-    """Samples held in the in-memory shuffle buffer of each worker."""
     subset: int = 0
     """If > 0, use only this many training samples per epoch (debug runs)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -94,7 +92,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_positive("data.image_px", self.image_px)  # its multiple depends on the model: RunConfig checks it
         check_range("data.num_workers", self.num_workers, 0, 256)
-        check_range("data.shuffle_buffer", self.shuffle_buffer, 1, 1_000_000)
         check_range("data.subset", self.subset, 0, 10_000_000)
 
 

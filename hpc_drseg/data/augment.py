@@ -75,9 +75,8 @@ class Augment:
     def reseed(self, seed: int) -> None:
         """Makes the random stream a function of `seed` alone; `seed_augment` has the details.
 
-        data/pipeline.py calls this at the start of each worker's iteration with stream_seed(seed, epoch, rank,
-        worker): a forked worker otherwise inherits the parent's generator state, and every worker would repeat the
-        same augmentations (and so would every epoch with persistent workers).
+        data/pipeline.py calls this before each sample with sample_seed(seed, epoch, position): the augmentation of a
+        sample then depends on nothing else (worker count, forked generator state, skipped batches on resume).
         """
         seed_augment(self, seed)
 
