@@ -323,10 +323,13 @@ def cmd_bench_cbam(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_metrics(args: argparse.Namespace) -> int:
-    from hpc_drseg.metrics.bench import benchmark_ap, format_ap_table
+    from hpc_drseg.metrics import bench
 
-    rows = benchmark_ap(images=args.images, side_px=args.side_px, score_bits=args.score_bits, repeats=args.repeats)
-    print(format_ap_table(rows))
+    print(bench.format_agreement_table(bench.agreement_table(score_bits=args.score_bits)))
+    rows = bench.benchmark_ap(
+        images=args.images, side_px=args.side_px, score_bits=args.score_bits, repeats=args.repeats
+    )
+    print(bench.format_ap_table(rows))
     return 0
 
 

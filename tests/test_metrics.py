@@ -601,3 +601,15 @@ def test_cuda_inputs_give_the_cpu_result():
         gpu.update(probs.cuda(), target.cuda())
         assert gpu.state_tensors()[next(iter(gpu.state_tensors()))].device.type == "cuda"
         assert_same_results(gpu.compute(), cpu.compute(), rel=1e-9)
+
+
+def test_bench_metrics_reports_agreement_and_speed():
+    from hpc_drseg.metrics import bench
+
+    rows = bench.benchmark_ap(images=1, side_px=64, repeats=1)
+    assert [row["scores"] for row in rows] == ["confident model", "uniform"]
+    assert all(row["max_abs_ap_diff"] < 1e-3 and row["streaming_s"] > 0 for row in rows)
+    agreement = bench.agreement_table(pixels=20_000)
+    assert len(agreement) == len(bench.GAUSSIAN_CASES)
+    assert all(abs(row["streaming"] - row["sklearn"]) < 1e-3 for row in agreement)
+    assert "speed-up" in bench.format_ap_table(rows) and "linear bins" in bench.format_agreement_table(agreement)
