@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Trains, then evaluates, one hpc_drseg run as a SLURM batch job; checkpoints and requeues itself before its time
-# limit or on preemption, and the requeued job resumes. Usage (from the repository or any folder with logs/):
+# limit or on preemption, and the requeued job resumes. Usage, from the repository (its logs/ folder is committed:
+# SLURM opens the --output file before this script runs) or from any folder that has a logs/ folder:
 #   sbatch [--nodes=N] [--gpus-per-node=G] [--array=0-4] slurm/train.sh [CONFIG] [key=value …]
-# Environment: DRSEG_VENV, DRSEG_CPU_PROCS, DRSEG_ACCELERATE_CONFIG, DRSEG_GPUS_PER_NODE, DRSEG_DRY_RUN
-# (see docs/cluster.md).
+#   slurm/train.sh [SBATCH_OPTION …] [CONFIG] [key=value …]   (submits itself; creates logs/; drops the GPU request
+#                                                               on a partition without GPUs)
+# On a cluster without GPUs, sbatch needs --gpus-per-node=0. Exit status 2: the configuration or an override is
+# invalid (one line names the key). Environment: DRSEG_VENV, DRSEG_CPU_PROCS, DRSEG_ACCELERATE_CONFIG,
+# DRSEG_GPUS_PER_NODE, DRSEG_DRY_RUN (see docs/cluster.md).
 #SBATCH --job-name=drseg
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -21,42 +25,116 @@ DEFAULT_CONFIG=configs/attention_deeplab.yaml
 
 say() { echo "[train.sh $(date '+%F %T')] $*" >&2; }
 
-# Outside a job, `slurm/train.sh [SBATCH_OPTION…] [CONFIG] [key=value…]` creates logs/ (sbatch fails a job whose
-# --output folder is missing) and submits this script with those options.
-if [ -z "${SLURM_JOB_ID:-}" ]; then
+activate_venv() {
+  local venv="${DRSEG_VENV:-$PWD/.venv}"
+  if [ -f "$venv/bin/activate" ]; then
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate"
+  fi
+  export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
+}
+
+# [CONFIG] [key=value …] → $config, $overrides: the first argument is the config unless it is an override.
+split_arguments() {
+  config="$DEFAULT_CONFIG"
+  if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then
+    config="$1"
+    shift
+  fi
+  overrides=("$@")
+}
+
+# drseg's own check prints a bad key, value or file as one line and exits 2; the Python that resolves the run
+# directory below would print a traceback for the same mistake.
+check_config() {
+  local status=0
+  python -m hpc_drseg config check --config "$config" "${overrides[@]}" >/dev/null || status=$?
+  return "$status"
+}
+
+# ------------------------------------------------------------------------------------ outside a job: submit
+# sbatch's short options that take a value (-c 8, -N 2, -t 1:00:00); long ones need --name=value here.
+SHORT_WITH_VALUE='^-[AabcDdeGiJLMmNnopqStwx]$'
+
+# The user chose GPUs (or none) on the command line or through sbatch's environment variables.
+gpus_chosen() {
+  local option
+  [ -n "${SBATCH_GPUS:-}${SBATCH_GPUS_PER_NODE:-}${SBATCH_GPUS_PER_TASK:-}${SBATCH_GRES:-}" ] && return 0
+  for option in "${sbatch_options[@]}"; do
+    case "$option" in
+      --gpus* | --gres* | -G*) return 0 ;;
+    esac
+  done
+  return 1
+}
+
+# The partition the job would go to: -p/--partition, else $SBATCH_PARTITION, else the default one ("name*" in sinfo).
+target_partition() {
+  local i option partition="${SBATCH_PARTITION:-}"
+  for ((i = 0; i < ${#sbatch_options[@]}; i++)); do
+    option="${sbatch_options[$i]}"
+    case "$option" in
+      -p) partition="${sbatch_options[$((i + 1))]:-}" ;;
+      -p*) partition="${option#-p}" ;;
+      --partition=*) partition="${option#--partition=}" ;;
+    esac
+  done
+  [ -n "$partition" ] || partition="$(sinfo -h -o %P 2>/dev/null | sed -n 's/\*$//p' | head -n 1)"
+  echo "$partition"
+}
+
+# sbatch rejects the #SBATCH GPU request outright where no node of the partition has a gpu GRES ("Invalid generic
+# resource (gres) specification"). sinfo's %G is e.g. "gpu:4", "gpu:a100:4(S:0-1),shard:8" or "(null)". Unknown
+# (sinfo fails, no partition found) counts as "has GPUs": sbatch then decides, as it would without this script.
+partition_has_gpus() {
+  local gres
+  [ -n "$1" ] || return 0
+  gres="$(sinfo -h -p "$1" -o %G 2>/dev/null)" || return 0
+  [ -n "$gres" ] || return 0
+  grep -Eq '(^|,)gpu([:(,]|$)' <<<"$gres"
+}
+
+submit() {
   sbatch_options=()
   while [ $# -gt 0 ] && [[ "$1" == -* ]]; do
     sbatch_options+=("$1")
-    # sbatch's short options that take a value (-c 8, -N 2, -t 1:00:00); long ones need --name=value here.
-    if [[ "$1" =~ ^-[AabcDdeGiJLMmNnopqStwx]$ ]] && [ $# -gt 1 ]; then
+    if [[ "$1" =~ $SHORT_WITH_VALUE ]] && [ $# -gt 1 ]; then
       sbatch_options+=("$2")
       shift
     fi
     shift
   done
-  mkdir -p logs
+  split_arguments "$@"
+  # A mistake in the config is reported now rather than after the job has waited in the queue; in a subshell, so
+  # the environment sbatch passes to the job stays the caller's. Skipped where the package isn't installed here.
+  local status=0
+  (activate_venv && python -c 'import hpc_drseg' 2>/dev/null || exit 0; check_config) || status=$?
+  if [ "$status" -ne 0 ]; then
+    say "configuration check failed (status $status): nothing submitted"
+    exit "$status"
+  fi
+  if ! gpus_chosen; then
+    local partition
+    partition="$(target_partition)"
+    if ! partition_has_gpus "$partition"; then
+      say "partition $partition has no GPUs (no gpu GRES in sinfo): submitting with --gpus-per-node=0"
+      sbatch_options+=(--gpus-per-node=0)
+    fi
+  fi
+  mkdir -p logs  # the --output folder, for a submit folder other than the repository
   exec sbatch "${sbatch_options[@]}" "${BASH_SOURCE[0]}" "$@"
-fi
+}
 
+[ -n "${SLURM_JOB_ID:-}" ] || submit "$@"
+
+# ------------------------------------------------------------------------------------------------ in the job
 cd "${SLURM_SUBMIT_DIR:-.}"
-mkdir -p logs
-venv="${DRSEG_VENV:-$PWD/.venv}"
-if [ -f "$venv/bin/activate" ]; then
-  # shellcheck disable=SC1091
-  source "$venv/bin/activate"
-fi
-export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
-
-config="$DEFAULT_CONFIG"
-if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then
-  config="$1"
-  shift
-fi
-overrides=("$@")
+activate_venv
+split_arguments "$@"
 
 has_override() { local arg; for arg in "${overrides[@]}"; do [[ "$arg" == "$1="* ]] && return 0; done; return 1; }
 
-# Run directory as the trainer will resolve it (train.run_dir, else runs/<config stem>); validates the config too.
+# Run directory as the trainer will resolve it (train.run_dir, else runs/<config stem>).
 resolve_run_dir() {
   python - "$config" "${overrides[@]}" <<'PY'
 import sys
@@ -172,8 +250,13 @@ main() {
   stop_signal="" child=""
   trap 'on_stop_signal USR2' USR2
   trap 'on_stop_signal TERM' TERM
-  add_array_overrides
   local run_dir status=0
+  check_config || status=$?
+  if [ "$status" -ne 0 ]; then
+    say "configuration check failed (status $status): job $SLURM_JOB_ID ends without training"
+    exit "$status"
+  fi
+  add_array_overrides
   run_dir="$(resolve_run_dir)"
   build_command
   say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run $run_dir"

@@ -1,8 +1,11 @@
-"""Session fixture `slurm_cluster`: a real throw-away SLURM cluster (slurm/local/start.sh), stopped after the session.
+"""Session fixtures: real throw-away SLURM clusters (slurm/local/start.sh), each stopped after the session.
 
-Two slurmd "nodes" on this host with 2 fake GPUs each (gres; CUDA stays absent, so training runs on CPU), accounting
-through slurmdbd (so `sacct` and submitit see job states). Tests using it
-are marked `slurm`; they skip only where start.sh says SLURM can't be started here (exit 77: not root, no packages).
+`slurm_cluster`: two slurmd "nodes" on this host with 2 fake GPUs each (gres; CUDA stays absent, so training runs on
+CPU), accounting through slurmdbd (so `sacct` and submitit see job states). `defaults_cluster` and
+`gpu_less_cluster`: one node each offering slurm/train.sh's default 8 CPUs (more than this host may have), with one
+fake GPU and without any GPU (no gpu GRES at all, as on a CPU-only cluster); each is started the first time a test
+asks for it, beside the others. Tests using them are marked `slurm`; they skip only where start.sh says SLURM can't
+be started here (exit 77: not root, no packages).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ STOP_SH = REPO / "slurm" / "local" / "stop.sh"
 CANNOT_START = 77  # start.sh's exit status for "not root / packages can't be installed"
 CLUSTER_NODES = 2
 FAKE_GPUS_PER_NODE = 2  # gres/gpu entries backed by /dev/null-like files: jobs can ask for GPUs, CUDA stays absent
+SCRIPT_CPUS = 8  # slurm/train.sh's #SBATCH --cpus-per-task: a node must offer as many for its defaults to fit
 START_TIMEOUT_S = 900  # installing the Debian packages on a fresh machine takes ~1 min, more on a slow mirror
 # Job states after which a job never runs again (sacct's words; REQUEUED/PENDING/RUNNING are not among them).
 FINAL_STATES = frozenset(
@@ -79,9 +83,11 @@ class SlurmCluster:
         raise TimeoutError(f"job {job_id} still {state or 'unknown'} after {timeout_s:.0f} s (wanted {sorted(states)})")
 
 
-def _start(state_dir: Path) -> SlurmCluster:
+def _start(state_dir: Path, nodes: int, fake_gpus: int, node_cpus: Optional[int] = None) -> SlurmCluster:
     t0 = time.monotonic()
-    env = {**os.environ, "DRSEG_SLURM_NODES": str(CLUSTER_NODES), "DRSEG_FAKE_GPUS": str(FAKE_GPUS_PER_NODE)}
+    env = {**os.environ, "DRSEG_SLURM_NODES": str(nodes), "DRSEG_FAKE_GPUS": str(fake_gpus)}
+    if node_cpus is not None:
+        env["DRSEG_NODE_CPUS"] = str(node_cpus)
     try:
         result = subprocess.run(
             ["bash", str(START_SH), str(state_dir)], env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
@@ -110,14 +116,31 @@ def _stop(state_dir: Path) -> None:
     subprocess.run(["bash", str(STOP_SH), str(state_dir)], capture_output=True, timeout=120)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """Starts the local cluster once per session (state under pytest's tmp), stops every daemon afterwards."""
-    state_dir = tmp_path_factory.mktemp("slurm")
+def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, **layout: int) -> Iterator[SlurmCluster]:
+    """A cluster with its state under pytest's tmp; every daemon stopped afterwards (also when the start failed)."""
+    state_dir = tmp_path_factory.mktemp(name)
     try:
-        yield _start(state_dir)
+        yield _start(state_dir, **layout)
     finally:
         _stop(state_dir)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """Two nodes with two fake GPUs each, started once per session."""
+    yield from _cluster(tmp_path_factory, "slurm", nodes=CLUSTER_NODES, fake_gpus=FAKE_GPUS_PER_NODE)
+
+
+@pytest.fixture(scope="session")
+def defaults_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """One node offering what slurm/train.sh asks for by default (1 GPU, 8 CPUs): `sbatch slurm/train.sh …` as is."""
+    yield from _cluster(tmp_path_factory, "slurm-defaults", nodes=1, fake_gpus=1, node_cpus=SCRIPT_CPUS)
+
+
+@pytest.fixture(scope="session")
+def gpu_less_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """One node with 8 CPUs and no GPU: sbatch rejects any GPU request there ("Invalid generic resource")."""
+    yield from _cluster(tmp_path_factory, "slurm-gpu-less", nodes=1, fake_gpus=0, node_cpus=SCRIPT_CPUS)
 
 
 @pytest.fixture

@@ -1,11 +1,14 @@
-"""slurm/train.sh on a real local SLURM cluster (tests/slurm/conftest.py): launch choice, CPU training, preemption.
+"""slurm/train.sh on real local SLURM clusters (tests/slurm/conftest.py): launch choice, CPU training, preemption, the
+README's command from a fresh clone, clusters without GPUs, bad overrides.
 
-The three training jobs are submitted together (they fit side by side on the two 2-CPU nodes) and checked one by one.
+The three training jobs of `jobs` are submitted together (they fit side by side on the two 2-CPU nodes) and checked
+one by one.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import time
 from fnmatch import fnmatchcase
@@ -38,6 +41,10 @@ def tiny_overrides(shards: Path, steps_per_epoch: int = 1) -> list[str]:
 def job_env(**extra: str) -> dict[str, str]:
     """The job activates the environment running these tests."""
     return {"DRSEG_VENV": sys.prefix, **extra}
+
+
+def train_sh_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("[train.sh ")]
 
 
 def job_log(folder: Path) -> str:
@@ -203,3 +210,129 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, jobs, nam
     assert (run / "report.md").is_file() and (run / "eval_test.json").is_file()
     states = slurm_cluster.run(["sacct", "--duplicates", "-X", "-n", "-P", "-j", str(job), "-o", "State"]).stdout
     assert states.split() == ["REQUEUED", "COMPLETED"]
+
+
+# ------------------------------------------------------------------------------------------- fresh clone, no GPUs
+# The defaults and GPU-less clusters offer 8 CPUs on this host's 2 cores: one math thread keeps the jobs from
+# oversubscribing them (the script only sets OMP_NUM_THREADS when the caller has not).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def fresh_clone(folder: Path) -> Path:
+    """`git clone` of the repository's HEAD: only committed files, as a user gets them."""
+    clone = folder / "clone"
+    subprocess.run(
+        ["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(clone)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return clone
+
+
+def tres_per_node(cluster, job: int) -> str:
+    """What the job asked of each node beyond CPUs (`gres:gpu:1`, `gres:gpu:0`, or "" when nothing)."""
+    found = re.search(r"TresPerNode=(\S+)", cluster.run(["scontrol", "show", "job", str(job)]).stdout)
+    return found.group(1) if found else ""
+
+
+@pytest.mark.slow
+def test_readme_sbatch_command_completes_from_a_fresh_clone(defaults_cluster, shards_dir: Path, tmp_path: Path) -> None:
+    clone = fresh_clone(tmp_path)
+    assert sorted(p.name for p in (clone / "logs").iterdir()) == [".gitkeep"]  # SLURM's --output folder is there
+    # The README's first cluster command as it stands (no mkdir, no options): the script's own 1 GPU and 8 CPUs.
+    job = defaults_cluster.sbatch(
+        ["slurm/train.sh", "configs/debug.yaml", *tiny_overrides(shards_dir)], cwd=clone, env=job_env(**ONE_THREAD)
+    )
+    log = finished(defaults_cluster, job, clone)
+    assert (clone / "logs" / f"drseg-{job}.out").is_file()
+    assert tres_per_node(defaults_cluster, job) == "gres:gpu:1"
+    assert "launch: python -m hpc_drseg train --config configs/debug.yaml" in log
+    assert "training done; evaluating runs/debug" in log
+    run = clone / "runs" / "debug"
+    assert (run / "report.md").is_file() and (run / "eval_test.json").is_file(), sorted(p.name for p in run.iterdir())
+
+
+def test_self_submission_keeps_the_gpu_request_where_the_partition_has_gpus(defaults_cluster, tmp_path: Path) -> None:
+    out = defaults_cluster.run(
+        ["bash", str(TRAIN_SH), "--parsable", str(DEBUG_CONFIG)], cwd=tmp_path, env=job_env(DRSEG_DRY_RUN="1")
+    )
+    assert train_sh_lines(out.stderr) == []  # nothing dropped, nothing to say
+    job = int(out.stdout.strip())
+    log = finished(defaults_cluster, job, tmp_path)
+    assert tres_per_node(defaults_cluster, job) == "gres:gpu:1"
+    assert f"python -m hpc_drseg train --config {DEBUG_CONFIG}" in log.splitlines()
+
+
+def test_plain_sbatch_on_a_gpu_less_cluster_needs_gpus_per_node_0(gpu_less_cluster, tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    args = [str(TRAIN_SH), str(DEBUG_CONFIG)]
+    refused = subprocess.run(
+        ["sbatch", *args], cwd=tmp_path, env={**gpu_less_cluster.env, **job_env()}, capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "Invalid generic resource" in refused.stderr, refused
+    # What the README says to do there.
+    job = gpu_less_cluster.sbatch(["--gpus-per-node=0", *args], cwd=tmp_path, env=job_env(DRSEG_DRY_RUN="1"))
+    log = finished(gpu_less_cluster, job, tmp_path)
+    assert f"python -m hpc_drseg train --config {DEBUG_CONFIG}" in log.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "partition", [[], ["-p", "debug"], ["--partition=debug"]], ids=["default", "-p", "--partition"]
+)
+def test_self_submission_drops_the_gpu_request_on_a_gpu_less_partition(
+    gpu_less_cluster, shards_dir: Path, tmp_path: Path, partition: list[str]
+) -> None:
+    dry_run = partition != []  # one real training run is enough; the partition options only change the lookup
+    env = job_env(**ONE_THREAD, **({"DRSEG_DRY_RUN": "1"} if dry_run else {}))
+    out = gpu_less_cluster.run(
+        ["bash", str(TRAIN_SH), "--parsable", *partition, str(DEBUG_CONFIG), *tiny_overrides(shards_dir)],
+        cwd=tmp_path,
+        env=env,
+    )
+    notices = train_sh_lines(out.stderr)
+    assert len(notices) == 1 and notices[0].endswith(
+        "] partition debug has no GPUs (no gpu GRES in sinfo): submitting with --gpus-per-node=0"
+    ), out.stderr
+    job = int(out.stdout.strip())
+    log = finished(gpu_less_cluster, job, tmp_path)  # logs/ made by the script itself
+    assert tres_per_node(gpu_less_cluster, job) == "gres:gpu:0"
+    if dry_run:
+        assert any(line.startswith("python -m hpc_drseg train --config") for line in log.splitlines()), log
+    else:
+        assert "training done; evaluating runs/debug" in log
+        assert (tmp_path / "runs" / "debug" / "report.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- bad overrides
+BAD_OVERRIDE = "train.batch_size=x"
+BAD_OVERRIDE_ERROR = "drseg config: error: train.batch_size: got 'x' (str); expected int"
+
+
+def test_bad_override_fails_the_job_early_with_one_line_and_status_2(defaults_cluster, tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    job = defaults_cluster.sbatch([str(TRAIN_SH), str(DEBUG_CONFIG), BAD_OVERRIDE], cwd=tmp_path, env=job_env())
+    log = finished(defaults_cluster, job, tmp_path, want="FAILED")
+    lines = log.splitlines()
+    assert len(lines) == 2 and lines[0] == BAD_OVERRIDE_ERROR, log
+    assert lines[1].endswith(f"] configuration check failed (status 2): job {job} ends without training"), log
+    exit_code = defaults_cluster.run(["sacct", "-X", "-n", "-P", "-j", str(job), "-o", "ExitCode"]).stdout.split()
+    assert exit_code == ["2:0"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_override_is_refused_before_self_submission(defaults_cluster, tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["bash", str(TRAIN_SH), "--parsable", str(DEBUG_CONFIG), BAD_OVERRIDE],
+        cwd=tmp_path,
+        env={**defaults_cluster.env, **job_env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stdout == "", done  # no job id: nothing was submitted
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0] == BAD_OVERRIDE_ERROR, done.stderr
+    assert lines[1].endswith("] configuration check failed (status 2): nothing submitted"), done.stderr
+    assert not (tmp_path / "logs").exists()
