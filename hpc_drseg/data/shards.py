@@ -13,10 +13,10 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import tarfile
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -25,9 +25,17 @@ import numpy as np
 from tqdm import tqdm
 
 from hpc_drseg import __version__
-from hpc_drseg.atomic import replace_folder
+from hpc_drseg.atomic import (
+    make_temporary_folder,
+    output_path,
+    raise_if_disk_full,
+    refuse_non_folder,
+    refuse_overlap,
+    remove_stale_temporaries,
+    replace_folder,
+)
 from hpc_drseg.config.choices import IMAGE_CODECS, MASK_RESIZE_RULES
-from hpc_drseg.constants import LESIONS
+from hpc_drseg.constants import LESIONS, SPLITS
 from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, read_sample, resolve_root
 from hpc_drseg.errors import ExistsError, InputError, MissingError
 from hpc_drseg.host import usable_cores
@@ -339,9 +347,7 @@ def _collect(ddr_root: Path, allow_missing_masks: bool) -> dict[str, list[Sample
     return samples
 
 
-def _check_args(
-    out: Path, image_px: int, samples_per_shard: int, overwrite: bool, image_codec: str, mask_resize: str
-) -> None:
+def _check_args(image_px: int, samples_per_shard: int, image_codec: str, mask_resize: str) -> None:
     if image_codec not in IMAGE_CODECS:
         raise InputError(f"image_codec: got {image_codec!r}; choose one of {list(IMAGE_CODECS)} (CLI: --image-codec)")
     if mask_resize not in MASK_RESIZE_RULES:
@@ -352,8 +358,46 @@ def _check_args(
         raise InputError(f"image_px: got {image_px}; it must be a positive multiple of 32 (e.g. 256, 512, 1024)")
     if samples_per_shard < 1:
         raise InputError(f"samples_per_shard: got {samples_per_shard}; it must be >= 1")
-    if out.exists() and not overwrite:
+
+
+# What `drseg shard` writes into its folder, and nothing else: --overwrite replaces only such a folder.
+_SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-[0-9]{{6}}\.tar")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuses an existing `out` unless it is a shard folder written by this command (so nothing of the user's can be
+    lost by replacing it) and --overwrite was given. The first check comes first so that the error says at once
+    when --overwrite would not help."""
+    if not os.path.lexists(out):
+        return
+    refuse_non_folder(out)
+    reason = _not_shards_reason(out)
+    if reason:
+        raise ExistsError(
+            f"--out {out} exists and is not a shard folder written by drseg shard ({reason}); --overwrite replaces "
+            "only those: remove it yourself or choose another --out"
+        )
+    if not overwrite:
         raise ExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+
+
+def _not_shards_reason(folder: Path) -> Optional[str]:
+    """Why `folder` is not a previous output of write_shards (None if it is one, or empty): its manifest.json must
+    say tool hpc_drseg, and every entry must be that manifest or a `{split}-NNNNNN.tar` regular file."""
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return None
+    try:
+        tool = json.loads((folder / MANIFEST).read_text()).get("tool")
+    except (OSError, ValueError, AttributeError):  # absent, unreadable, not JSON, not an object
+        tool = None
+    if tool != "hpc_drseg":
+        return f"no {MANIFEST} of drseg shard in it"
+    for entry in entries:
+        written = entry.name == MANIFEST or _SHARD_NAME.fullmatch(entry.name)
+        if not written or entry.is_symlink() or not entry.is_file():
+            return f"it holds {entry.name}, which drseg shard does not write"
+    return None
 
 
 def write_shards(
@@ -370,40 +414,44 @@ def write_shards(
 ) -> dict[str, Any]:
     """Writes `{split}-NNNNNN.tar` shards and manifest.json for every split of the DDR tree; returns the manifest.
 
-    The output appears all at once (written into a temporary sibling folder, then renamed) or not at all; an
-    existing `out` is replaced only with overwrite=True. `workers`: encoding processes (None = all cores); the bytes
-    written do not depend on it. `image_codec`: see IMAGE_CODECS. `mask_resize`: how masks shrink to image_px, one
-    of MASK_RESIZE_RULES (see resize_mask). Layout errors (ddr.find_samples) are raised before any image is read.
+    The output appears all at once (written into a temporary sibling folder, synced, then renamed) or not at all.
+    `out` may not be, contain or lie inside `ddr_root`; an existing `out` is replaced only with overwrite=True, and
+    only if it is a shard folder written by this function (never a file, a symlink or a folder of other files).
+    Temporaries of `out` left by a killed earlier run are removed first. A full disk raises NoSpaceError.
+
+    `workers`: encoding processes (None = all cores); the bytes written do not depend on it. `image_codec`: see
+    IMAGE_CODECS. `mask_resize`: how masks shrink to image_px, one of MASK_RESIZE_RULES (see resize_mask). Layout
+    errors (ddr.find_samples) are raised before any image is read.
     """
-    out = Path(out).expanduser().absolute()
-    _check_args(out, image_px, samples_per_shard, overwrite, image_codec, mask_resize)
+    _check_args(image_px, samples_per_shard, image_codec, mask_resize)
+    refuse_overlap(out, ddr_root, "--ddr-root")  # named as the user gave them; compared with symlinks resolved
+    out = output_path(out)
+    _check_out(out, overwrite)
     base = resolve_root(ddr_root)
     samples = _collect(base, allow_missing_masks)
+    if "train" not in samples:
+        log.warning("%s has no train split: these shards can be scored (drseg eval) but not trained on", base)
     total = sum(len(files) for files in samples.values())
     workers = usable_cores() if workers is None else workers
     options = _Options(
         image_px, allow_missing_masks, samples_per_shard, max(1, min(workers, total)), image_codec, mask_resize
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = None
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the renamed folder should not be
+        tmp = make_temporary_folder(out)
         manifest = _manifest_header(base, image_px, samples_per_shard, image_codec, mask_resize)
         with tqdm(total=total, desc=f"shard {out.name}", unit="img", disable=not progress) as bar:
             for split, files in samples.items():
                 manifest["splits"][split] = _write_split(tmp, split, files, options, bar)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_folder(tmp, out)  # fsyncs the tars and the manifest first
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(exc, out)
         raise
     return manifest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _manifest_header(
@@ -471,17 +519,95 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
             f"{path}: shard format {manifest.get('format')} with lesions {manifest.get('lesions')} does not match "
             f"this hpc_drseg ({FORMAT}, {list(LESIONS)}); re-run `drseg shard --overwrite`"
         )
+    _check_manifest_types(manifest, path)
     return manifest
 
 
-def split_info(manifest: dict[str, Any], split: str, shards_dir: str | Path = "") -> dict[str, Any]:
-    """The manifest entry of `split`, with an error that lists the available splits."""
-    if split not in manifest["splits"]:
+class _FieldCheck(NamedTuple):
+    expected: str
+    """What the field must be, as the error says it."""
+    ok: Callable[[Any], bool]
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_list_of(value: Any, item: Callable[[Any], bool]) -> bool:
+    return isinstance(value, list) and all(item(v) for v in value)
+
+
+def _is_file_name(value: Any) -> bool:
+    """A shard named in the manifest is a plain file name in the shard folder, never a path elsewhere."""
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
+
+
+# Every manifest field a reader uses (trainer, loaders, bench, report). The optional ones are absent from manifests
+# of older versions and checked when present.
+_TOP_FIELDS = {
+    "image_px": _FieldCheck("a positive integer", lambda v: _is_int(v, 1)),
+    "image_codec": _FieldCheck(f"one of {list(IMAGE_CODECS)}", lambda v: isinstance(v, str) and v in IMAGE_CODECS),
+    "mask_resize": _FieldCheck("a string", lambda v: isinstance(v, str)),
+    "samples_per_shard": _FieldCheck("a positive integer", lambda v: _is_int(v, 1)),
+}
+_OPTIONAL_TOP = ("image_codec", "mask_resize", "samples_per_shard")
+_SPLIT_FIELDS = {
+    "images": _FieldCheck("an integer >= 0", lambda v: _is_int(v, 0)),
+    "shards": _FieldCheck("a list of shard file names", lambda v: _is_list_of(v, _is_file_name)),
+    "shard_sizes": _FieldCheck("a list of integers >= 0", lambda v: _is_list_of(v, lambda n: _is_int(n, 0))),
+    "ids": _FieldCheck("a list of strings", lambda v: _is_list_of(v, lambda i: isinstance(i, str))),
+    "has_native": _FieldCheck("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _field_error(path: Path, field: str, expected: str, value: Any) -> InputError:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return InputError(
+        f"{path}: field '{field}' must be {expected}, got {shown} ({type(value).__name__}); "
+        "re-run `drseg shard --overwrite`"
+    )
+
+
+def _check_manifest_types(manifest: dict[str, Any], path: Path) -> None:
+    """Every field a reader uses has the type and the consistency the writer gives it, so that a hand-edited or
+    damaged manifest is one error naming the field and the file, not a TypeError deep inside a loader."""
+    for field, check in _TOP_FIELDS.items():
+        if field in manifest or field not in _OPTIONAL_TOP:
+            value = manifest.get(field)
+            if not check.ok(value):
+                raise _field_error(path, field, check.expected, value)
+    splits = manifest["splits"]
+    if not isinstance(splits, dict) or not all(isinstance(info, dict) for info in splits.values()):
+        raise _field_error(path, "splits", "an object mapping each split to an object", splits)
+    for split, info in splits.items():
+        for field, check in _SPLIT_FIELDS.items():
+            value = info.get(field)
+            if not check.ok(value):
+                raise _field_error(path, f"splits.{split}.{field}", check.expected, value)
+        _check_split_counts(path, split, info)
+
+
+def _check_split_counts(path: Path, split: str, info: dict[str, Any]) -> None:
+    """One size per shard, one id per image, and the shard sizes add up to the images."""
+    shards, sizes, ids, images = info["shards"], info["shard_sizes"], info["ids"], info["images"]
+    if len(sizes) != len(shards) or sum(sizes) != images or len(ids) != images:
         raise InputError(
-            f"split '{split}' is not in the shards {shards_dir}; available: {sorted(manifest['splits'])} "
-            "(check data.train_split / data.val_split / eval.split)"
+            f"{path}: split '{split}' lists {images} images, {len(ids)} ids and shard sizes {sizes} for "
+            f"{len(shards)} shards; they must agree (one size per shard, summing to the images); re-run "
+            "`drseg shard --overwrite`"
         )
-    return manifest["splits"][split]
+
+
+def split_info(manifest: dict[str, Any], split: str, shards_dir: str | Path = "") -> dict[str, Any]:
+    """The manifest entry of `split`, with an error that names the shard folder and lists the available splits."""
+    splits = manifest["splits"]
+    if split not in splits:
+        where = f"the shards {shards_dir}" if str(shards_dir) else "these shards"
+        raise InputError(
+            f"split '{split}' is not in {where}; available: {sorted(splits) or 'none'} (check data.train_split / "
+            f"data.val_split / eval.split, or shard a DDR tree that has lesion_segmentation/{split}/)"
+        )
+    return splits[split]
 
 
 def shard_groups(shards_dir: str | Path, info: dict[str, Any]) -> list[tuple[Path, list[str]]]:

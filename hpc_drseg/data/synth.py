@@ -6,9 +6,10 @@ split sizes, lesion prevalence and lesion sizes, so readers, shards, training an
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import secrets
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -21,8 +22,17 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from hpc_drseg.atomic import replace_folder
+from hpc_drseg import __version__
+from hpc_drseg.atomic import (
+    make_temporary_folder,
+    output_path,
+    raise_if_disk_full,
+    refuse_non_folder,
+    remove_stale_temporaries,
+    replace_folder,
+)
 from hpc_drseg.constants import LESIONS, SPLITS
+from hpc_drseg.data.ddr import SUBSET_DIR
 from hpc_drseg.errors import ExistsError, InputError
 from hpc_drseg.host import usable_cores
 
@@ -35,6 +45,13 @@ LESION_FREE_P = 0.03
 REFERENCE_PX = 1250.0
 MIN_SIDE_PX = 64
 JPEG_QUALITY = 95
+# Written into every synthetic tree: --overwrite replaces a folder only if it holds this marker and nothing but what
+# write_synthetic_ddr writes, so it can never delete a real DDR copy or any other folder of the user's.
+MARKER = ".hpc_drseg-synth.json"
+_WRITTEN = re.compile(  # the relative paths of everything else write_synthetic_ddr writes
+    rf"{SUBSET_DIR}(?:/(?:{'|'.join(SPLITS)})(?:/image(?:/[^/]+\.jpg)?"
+    rf"|/label(?:/(?:{'|'.join(LESIONS)})(?:/[^/]+\.(?:tif|png))?)?)?)?"
+)
 
 # RGB colours painted before the illumination fall-off; lesion colours are what makes the classes separable.
 _LESION_RGB: dict[str, tuple[float, float, float]] = {
@@ -500,6 +517,49 @@ def _check_args(counts: Mapping[str, int] | None, size_px: int, seed: int, worke
     return {split: n for split, n in counts.items() if n > 0}
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuses an existing `out` unless it is a tree this function wrote (so nothing of the user's can be lost by
+    replacing it) and --overwrite was given. The first check comes first so that the error says at once when
+    --overwrite would not help."""
+    if not os.path.lexists(out):
+        return
+    refuse_non_folder(out)
+    reason = _not_synth_reason(out)
+    if reason:
+        raise ExistsError(
+            f"--out {out} exists and is not a tree written by drseg synth ({reason}); --overwrite replaces only "
+            "those: remove it yourself or choose another --out"
+        )
+    if not overwrite:
+        raise ExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def _not_synth_reason(folder: Path) -> str | None:
+    """Why `folder` is not a previous output of write_synthetic_ddr (None if it is one, or empty): it must hold
+    MARKER and otherwise only the DDR layout's folders, .jpg images and .tif/.png masks, no symlinks."""
+    if not any(folder.iterdir()):
+        return None
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):  # absent, unreadable or not JSON
+        marker = None
+    if not isinstance(marker, dict) or (marker.get("tool"), marker.get("command")) != ("hpc_drseg", "synth"):
+        return f"no {MARKER} in it"
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root, name)
+            relative = path.relative_to(folder).as_posix()
+            if path.is_symlink() or not (relative == MARKER or _WRITTEN.fullmatch(relative)):
+                return f"it holds {relative}, which drseg synth does not write"
+    return None
+
+
+def _write_marker(root: Path, counts: Mapping[str, int], size_px: int, seed: int) -> None:
+    marker = {"tool": "hpc_drseg", "command": "synth", "version": __version__}
+    marker.update(counts=dict(counts), size_px=size_px, seed=seed)
+    (root / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
 def write_synthetic_ddr(
     out: str | Path,
     counts: Mapping[str, int] | None = None,
@@ -509,25 +569,32 @@ def write_synthetic_ddr(
     progress: bool = True,
     workers: int | None = None,
 ) -> Path:
-    """Writes a synthetic DDR-like tree `out/lesion_segmentation/{split}/{image,label/{EX,HE,MA,SE}}/` atomically.
+    """Writes a synthetic DDR-like tree `out/lesion_segmentation/{split}/{image,label/{EX,HE,MA,SE}}/` atomically,
+    with MARKER at its top; returns `out`.
 
     `counts` maps split → images (default: DDR's 383/149/225; splits with 0 are not created). Image sides vary in
     [0.85, 1.15]·size_px. Same seed → same files, whatever the number of `workers` (default: all available cores).
+    An existing `out` is replaced only with overwrite=True, and only if it is a tree written by this function (never
+    a file, a symlink or a folder of other files). Temporaries of `out` left by a killed earlier run are removed
+    first; a full disk raises NoSpaceError.
     """
     counts = _check_args(counts, size_px, seed, workers)
-    out = Path(out)
-    if os.path.lexists(out) and not overwrite:
-        raise ExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    target = output_path(out)
+    _check_out(target, overwrite)
+    remove_stale_temporaries(target)
+    tmp = None
     try:
+        tmp = make_temporary_folder(target)
         for split in counts:
             for sub in ("image", *(f"label/{lesion}" for lesion in LESIONS)):
-                (tmp / "lesion_segmentation" / split / sub).mkdir(parents=True)
+                (tmp / SUBSET_DIR / split / sub).mkdir(parents=True)
         samples = _plan(tmp, counts, size_px, seed)
         _run(samples, min(workers or usable_cores(), len(samples)), progress)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_marker(tmp, counts, size_px, seed)
+        replace_folder(tmp, target)  # fsyncs every image and mask first
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(exc, target)
         raise
-    return out
+    return Path(out)

@@ -3,23 +3,37 @@
 Layout: RUN/checkpoints/last.pt (periodic and final) and best.pt (best validation monitor). The weights sit under
 "model"; everything else (optimiser, monitor, epoch/step, RNG, resolved config) is plain tensors and numbers. Ranks
 > 0 keep their RNG state in rng-rank{N}.pt beside last.pt; under DeepSpeed the partitioned optimiser state lives in
-checkpoints/deepspeed/ (written by every rank) instead of under "optimizer".
+checkpoints/deepspeed/ (written by every rank) instead of under "optimizer". The weights' keys never depend on how
+the model was wrapped (torch.compile, DDP, DeepSpeed), so eval and predict load them into a plain model.
+
+Every load of a run checkpoint checks, in this order, with one line naming the file: that it is one
+(`load_run_checkpoint`), that it holds the architecture being built (`check_architecture`), and that its weights fit
+that model exactly (`load_model_state`). A resume also compares the checkpoint's config with the new one
+(`config_changes`): keys that cannot change what the resumed run computes may change (RESUME_SAFE_KEYS); any other
+change needs an explicit `allow_config_change`. Either way the change is recorded in RUN/config_changes.jsonl and
+config.yaml is rewritten, so config.yaml always holds what is running.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
+import socket
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from hpc_drseg.atomic import atomic_writer
-from hpc_drseg.config import RunConfig, config_to_dict
+from hpc_drseg.atomic import atomic_writer, remove_stale_temporaries
+from hpc_drseg.config import ModelConfig, RunConfig, config_from_dict, config_to_dict, save_config
+from hpc_drseg.config.checks import ConfigError
 from hpc_drseg.errors import InputError, MissingError
+from hpc_drseg.models.registry import architecture_differences
 from hpc_drseg.train.runtime import uses_deepspeed
 
 if TYPE_CHECKING:
@@ -62,8 +76,177 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: say which and what to do
         raise InputError(
-            f"{path} is not a readable hpc_drseg checkpoint ({exc}); delete it or point elsewhere"
+            f"{path} is not a readable hpc_drseg checkpoint ({_first_line(exc)}); delete it or point elsewhere"
         ) from exc
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """torch.load's errors run over many lines (the weights_only explanation); a user error is one line."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0][:limit]
+
+
+# ----------------------------------------------------------------------------------------------- loading checks
+def load_run_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by `drseg train` (weights under "model", resolved config under "config"); any other file
+    is one line naming it, before anything is built from it."""
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and isinstance(state.get("config"), dict):
+        return state
+    raise InputError(
+        f"{path} is not a hpc_drseg checkpoint: it holds {_describe(state)}, not the 'model' weights and 'config' "
+        "that drseg train writes; give a RUN/checkpoints/best.pt or last.pt"
+    )
+
+
+def _describe(content: Any) -> str:
+    if not isinstance(content, dict):
+        return f"a {type(content).__name__}"
+    keys = [str(key) for key in list(content)[:3]]
+    more = ", …" if len(content) > 3 else ""
+    if content and all(isinstance(value, torch.Tensor) for value in content.values()):
+        return f"a bare state dict of {len(content)} tensors ({', '.join(keys)}{more})"
+    return f"a dict with keys {', '.join(keys) or 'none'}{more}"
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path) -> RunConfig:
+    """The RunConfig a checkpoint was trained with. Keys this version no longer has are dropped (it could not
+    honour them either way) and keys added since take their defaults, so checkpoints of earlier versions still load."""
+    known = config_to_dict(RunConfig())
+    try:
+        return config_from_dict(_known_keys(state["config"], known))
+    except ConfigError as exc:
+        raise InputError(f"{path}: its config is not valid for this hpc_drseg ({exc})") from exc
+
+
+def _known_keys(values: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
+    kept = {}
+    for key, value in values.items():
+        if key in known:
+            nested = isinstance(known[key], dict) and isinstance(value, dict)
+            kept[key] = _known_keys(value, known[key]) if nested else value
+    return kept
+
+
+def clean_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as a plain model names them: torch.compile's `_orig_mod.` segments removed (a compiled model's state
+    dict has them; checkpoints written before this cleaning hold them too)."""
+    return {".".join(part for part in key.split(".") if part != "_orig_mod"): value for key, value in weights.items()}
+
+
+def check_architecture(saved: ModelConfig, built: ModelConfig, path: str | Path, built_from: str) -> None:
+    """InputError listing the model.* fields in which checkpoint `path` differs from the model built from
+    `built_from` (a config file, "the config")."""
+    differences = architecture_differences(saved, built)
+    if differences:
+        listed = ", ".join(f"{key}: {show(old)} → {show(new)}" for key, old, new in differences)
+        raise InputError(
+            f"checkpoint {path} holds another architecture than {built_from} builds ({listed}; checkpoint → config); "
+            "use the config the checkpoint was trained with, or a checkpoint of this architecture"
+        )
+
+
+def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Loads `weights` strictly into `model` (a plain, unwrapped one); on any missing, unexpected or mis-shaped key
+    one line naming the checkpoint, how many of each, and the first three."""
+    weights = clean_state_dict(weights)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    misshaped = [
+        f"{key} {list(weights[key].shape)} vs {list(shape)}"
+        for key, shape in expected.items()
+        if key in weights and tuple(weights[key].shape) != shape
+    ]
+    problems = [(len(keys), what, keys[:3]) for what, keys in [("missing", missing), ("unexpected", unexpected)]]
+    problems.append((len(misshaped), "mis-shaped (checkpoint vs model)", misshaped[:3]))
+    found = [f"{count} {what} ({', '.join(first)})" for count, what, first in problems if count]
+    if found:
+        raise InputError(
+            f"checkpoint {path} does not fit the {type(model).__name__} its config builds: {'; '.join(found)}; "
+            "it was written for another architecture or by an incompatible version"
+        )
+    model.load_state_dict(weights, strict=True)
+
+
+# ----------------------------------------------------------------------------------------- config on resume
+# Keys whose change cannot change what a resumed run computes (the weights after any given step): they may differ
+# between the checkpoint and the resuming config. The change is still recorded (config_changes.jsonl, config.yaml).
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "name",  # a label; the folder is train.run_dir (or runs/<name>, where another name is another run)
+        "train.run_dir",  # the same folder reached by another path (moved, relative vs absolute)
+        "train.max_epochs",  # where the run ends, not what any epoch computes
+        "train.max_steps",  # likewise
+        # A stopping rule like max_epochs: the monitor's best value and epochs since it are restored either way.
+        "train.early_stop_patience",
+        "train.log_every_steps",  # progress bar and TensorBoard period only
+        "train.checkpoint_every_steps",  # how often last.pt is written; resume is exact from any of them
+        "data.num_workers",  # the loader yields the same batches, augmented alike, for any worker count
+        "data.test_split",  # read by drseg eval only, never by training
+        "eval.split",  # likewise (and by sweeps to pick the reported split)
+        "eval.protocol",  # likewise
+    }
+)
+CONFIG_CHANGES = "config_changes.jsonl"
+
+
+def show(value: Any) -> str:
+    """A config value as a user writes it: strings bare, the rest as JSON (0.0001, true, null, [6, 12, 18])."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_changes(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, new value)} for every leaf that differs, in schema order."""
+    old, now = _flatten(config_to_dict(saved)), _flatten(config_to_dict(new))
+    return {key: (old.get(key), value) for key, value in now.items() if old.get(key) != value}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_config_changes(changes: dict[str, tuple[Any, Any]], path: Path, allow: bool) -> None:
+    """InputError listing the changes outside RESUME_SAFE_KEYS (old → new) and the ways out, unless `allow`."""
+    forced = {key: values for key, values in changes.items() if key not in RESUME_SAFE_KEYS}
+    if not forced or allow:
+        return
+    run_dir = path.parent.parent
+    listed = ", ".join(f"{key}: {show(old)} → {show(new)}" for key, (old, new) in forced.items())
+    raise InputError(
+        f"resuming {path} with another config: {listed}; such changes alter what the run computes. Resume with the "
+        f"run's own values ({run_dir / 'config.yaml'}), train into a new train.run_dir, or pass "
+        f"--allow-config-change to go on with the new values (recorded in {run_dir / CONFIG_CHANGES})"
+    )
+
+
+def record_config_changes(cfg: RunConfig, changes: dict[str, tuple[Any, Any]], path: Path, step: int) -> Path:
+    """Rewrites RUN/config.yaml with `cfg` and appends the change to RUN/config_changes.jsonl (rank 0 only)."""
+    run_dir = path.parent.parent
+    save_config(cfg, run_dir / "config.yaml")
+    record = {
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "checkpoint": str(path),
+        "global_step": step,
+        "changes": {key: {"old": old, "new": new} for key, (old, new) in changes.items()},
+        "needed_allow_config_change": sorted(key for key in changes if key not in RESUME_SAFE_KEYS),
+    }
+    log_path = run_dir / CONFIG_CHANGES
+    with open(log_path, "a", encoding="utf-8") as handle:  # one short line, under the run lock: no interleaving
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    listed = ", ".join(f"{key}: {show(old)} → {show(new)}" for key, (old, new) in changes.items())
+    log.info("resuming with config changes %s (recorded in %s)", listed, log_path)
+    return log_path
 
 
 def capture_rng() -> dict[str, Any]:
@@ -103,6 +286,14 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class Resumed(NamedTuple):
+    progress: Progress
+    changes: dict[str, tuple[Any, Any]]
+    """{dotted key: (checkpoint's value, this run's)}: the config changes this resume goes on with."""
+    path: Path
+    """The checkpoint resumed from."""
+
+
 class Checkpointer:
     """Writes and restores a run's checkpoints; the Trainer owns one and hands it the progress at every save.
 
@@ -124,12 +315,26 @@ class Checkpointer:
         self.run_dir = Path(cfg.run_dir)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.deepspeed = uses_deepspeed()
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Deletes the checkpoint-sized temporaries a killed earlier run left beside the files this rank writes.
+
+        `exclusive`: the trainer holds the run-folder lock, so no other job writes these files and a temporary from
+        another node (the usual case: a resumed job lands elsewhere) is as stale as one of a dead local process.
+        """
+        targets = [checkpoint_path(self.run_dir, "last"), checkpoint_path(self.run_dir, "best")]
+        mine = targets if self.accelerator.is_main_process else [rng_path(self.run_dir, self.rank)]
+        for target in mine:
+            remove_stale_temporaries(target, exclusive=True)
 
     def state(self, progress: Progress) -> dict[str, Any]:
         """last.pt's content: weights, monitor, progress, resolved config, this rank's RNG, world size, optimiser."""
-        model = self.accelerator.unwrap_model(self.model)
+        # Without the compile wrapper, and cleaned besides: the keys are those of a plain model however it was wrapped.
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        weights = self.accelerator.get_state_dict(model)
         state = {
-            "model": {k: v.detach().cpu() for k, v in self.accelerator.get_state_dict(model).items()},
+            "model": clean_state_dict({k: v.detach().cpu() for k, v in weights.items()}),
             "monitor": self.monitor.state_dict(),
             "progress": dict(vars(progress)),
             "config": config_to_dict(self.cfg),
@@ -159,13 +364,21 @@ class Checkpointer:
             state.pop("optimizer", None)
             atomic_torch_save(state, checkpoint_path(self.run_dir, "best"))
 
-    def resume(self) -> Optional[Progress]:
-        """Restores weights, optimiser, monitor and this rank's RNG from last.pt; its Progress, or None without one."""
+    def resume(self, allow_config_change: bool = False) -> Optional[Resumed]:
+        """Restores weights, optimiser, monitor and this rank's RNG from last.pt; None without one.
+
+        Before restoring anything: the checkpoint's config against this run's (`check_config_changes`), then its
+        architecture and weights against the model built here. Every rank checks alike, so all stop together.
+        """
         path = checkpoint_path(self.run_dir, "last")
         if not path.is_file():
             return None
-        state = load_checkpoint(path)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        state = load_run_checkpoint(path)
+        saved = checkpoint_config(state, path)
+        changes = config_changes(saved, self.cfg)
+        check_config_changes(changes, path, allow_config_change)
+        check_architecture(saved.model, self.cfg.model, path, "the config")
+        load_model_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), state["model"], path)
         if self.deepspeed:
             self.accelerator.load_state(str(deepspeed_dir(self.run_dir)))
         else:
@@ -177,4 +390,4 @@ class Checkpointer:
         progress = Progress(**state["progress"])
         if self.accelerator.is_main_process:
             log.info("resumed %s at epoch %d, step %d", path, progress.epoch, progress.global_step)
-        return progress
+        return Resumed(progress, changes, path)

@@ -4,8 +4,17 @@ manifest counts, atomicity, worker-count independence, compatibility with the we
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
 from pathlib import Path
 
 import cv2
@@ -13,7 +22,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from hpc_drseg import __version__
+from hpc_drseg import __version__, atomic
+from hpc_drseg.atomic import NoSpaceError
 from hpc_drseg.cli import main
 from hpc_drseg.config import load_config, save_config
 from hpc_drseg.config.choices import MASK_RESIZE_RULES
@@ -34,6 +44,7 @@ from hpc_drseg.data.shards import (
     write_shards,
 )
 from hpc_drseg.data.synth import render_fundus
+from hpc_drseg.errors import ExistsError, InputError
 from hpc_drseg.report import _mask_resize_line
 
 AREA_BOUNDS = (0.75, 1.33)  # lesion area after resizing / area-true value, for the area-true rules
@@ -383,14 +394,13 @@ def test_failure_mid_way_leaves_no_output(tmp_path: Path, make_ddr, workers: int
 def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path: Path, make_ddr) -> None:
     root = make_ddr(tmp_path / "ddr", counts={"train": 2}, size_px=64)
     out = tmp_path / "shards"
-    write_shards(root, out, image_px=32, workers=1, progress=False)
-    (out / "stale.txt").write_text("from an older run")
+    write_shards(root, out, image_px=32, workers=1, progress=False, samples_per_shard=1)
     with pytest.raises(FileExistsError, match=r"already exists; pass overwrite=True \(CLI: --overwrite\)"):
         write_shards(root, out, image_px=64, workers=1, progress=False)
     assert read_manifest(out)["image_px"] == 32
     manifest = write_shards(root, out, image_px=64, overwrite=True, workers=1, progress=False)
     assert manifest["image_px"] == read_manifest(out)["image_px"] == 64
-    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar"]  # train-000001 is gone
     assert _leftovers(tmp_path) == []
     assert oct(out.stat().st_mode & 0o777) != oct(0o700), "the output folder should not stay private like a tempdir"
 
@@ -453,3 +463,248 @@ def test_bad_arguments_and_dotted_ids(tmp_path: Path, make_ddr) -> None:
     with pytest.raises(ValueError, match=r"id 'a\.b' holds a '\.'"):
         write_shards(root, tmp_path / "s", image_px=32, workers=1, progress=False)
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------------ data safety
+KILLED_SHARD_RUN = """
+import os, signal, sys
+from hpc_drseg.data import shards
+real_add = shards._SplitWriter.add
+def add_then_die(self, sample):
+    real_add(self, sample)
+    os.kill(os.getpid(), signal.SIGKILL)  # as a preempted job or the OOM killer: no cleanup runs
+shards._SplitWriter.add = add_then_die
+shards.write_shards(sys.argv[1], sys.argv[2], image_px=32, workers=1, progress=False)
+"""
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    """Relative name → content (link target for a symlink, b"<dir>" for a folder) of `path` and all below it."""
+    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    snapshot = {}
+    for entry in entries:
+        name = str(entry.relative_to(path))
+        if entry.is_symlink():
+            snapshot[name] = b"link:" + os.readlink(entry).encode()
+        elif entry.is_dir():
+            snapshot[name] = b"<dir>"
+        elif entry.exists():
+            snapshot[name] = entry.read_bytes()
+    return snapshot
+
+
+def _age(path: Path, seconds: float = 600.0) -> Path:
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp), follow_symlinks=False)
+    return path
+
+
+@pytest.fixture
+def small_ddr(tmp_path: Path, make_ddr) -> Path:
+    return make_ddr(tmp_path / "DDR-dataset", counts={"train": 2, "test": 1}, size_px=64)
+
+
+def _shard(root: Path, out: Path, **kwargs) -> dict:
+    return write_shards(root, out, **{"image_px": 32, "workers": 1, "progress": False, **kwargs})
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize(
+    ("out", "relation"),
+    [
+        ("DDR-dataset", "is"),
+        ("", "contains"),
+        ("DDR-dataset/shards", "lies inside"),
+        ("DDR-dataset/lesion_segmentation/train", "lies inside"),
+        ("link-to-ddr", "is"),
+        ("link-to-ddr/shards", "lies inside"),
+    ],
+)
+def test_out_overlapping_the_ddr_tree_is_refused(tmp_path: Path, small_ddr: Path, out, relation, overwrite) -> None:
+    (tmp_path / "link-to-ddr").symlink_to(small_ddr)
+    given = tmp_path / out
+    before = _snapshot(tmp_path)
+    message = rf"^--out {re.escape(str(given))} {relation} the input --ddr-root {re.escape(str(small_ddr))}"
+    with pytest.raises(InputError, match=message):
+        _shard(small_ddr, given, overwrite=overwrite)
+    assert _snapshot(tmp_path) == before
+
+
+def test_ddr_root_given_as_lesion_segmentation_is_protected_too(tmp_path: Path, small_ddr: Path) -> None:
+    with pytest.raises(InputError, match="contains the input --ddr-root"):
+        _shard(small_ddr / "lesion_segmentation", small_ddr, overwrite=True)
+    _shard(small_ddr / "lesion_segmentation", tmp_path / "DDR-dataset-shards")  # a sibling with a longer name is fine
+
+
+def _user_folder(out: Path, previous: Path) -> None:
+    out.mkdir()
+    (out / "thesis.tex").write_text("months of work")
+
+
+def _shards_plus(name: str, folder: bool = False):
+    def setup(out: Path, previous: Path) -> None:
+        shutil.copytree(previous, out)
+        (out / name).mkdir() if folder else (out / name).write_text("mine")
+
+    return setup
+
+
+def _foreign_manifest(out: Path, previous: Path) -> None:
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"tool": "someone else", "splits": {}}))
+    (out / "train-000000.tar").write_bytes(b"their data")
+
+
+def _symlinked_tar(out: Path, previous: Path) -> None:
+    shutil.copytree(previous, out)
+    (out / "test-000000.tar").unlink()
+    (out / "test-000000.tar").symlink_to(previous / "test-000000.tar")
+
+
+REFUSED_OUTPUTS = {
+    "user folder": (_user_folder, r"no manifest.json of drseg shard in it"),
+    "shards plus a user file": (_shards_plus("notes.md"), r"it holds notes.md, which drseg shard does not write"),
+    "shards plus a folder": (_shards_plus("backup", folder=True), r"it holds backup,"),
+    "shards plus a foreign tar": (_shards_plus("my-000000.tar"), r"it holds my-000000.tar,"),
+    "foreign manifest": (_foreign_manifest, r"no manifest.json of drseg shard in it"),
+    "symlinked shard": (_symlinked_tar, r"it holds test-000000.tar,"),
+    "regular file": (lambda out, previous: out.write_text("a file"), r"is a file, not a folder"),
+    "symlink to shards": (lambda out, previous: out.symlink_to(previous), r"is a symlink \(to "),
+    "dangling symlink": (lambda out, previous: out.symlink_to(out.parent / "gone"), r"is a symlink \(to "),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_OUTPUTS, ids=list(REFUSED_OUTPUTS))
+def test_overwrite_replaces_only_a_previous_shard_folder(tmp_path: Path, small_ddr: Path, case: str) -> None:
+    previous = tmp_path / "previous"
+    _shard(small_ddr, previous, samples_per_shard=1)
+    out = tmp_path / "out"
+    setup, reason = REFUSED_OUTPUTS[case]
+    setup(out, previous)
+    before = _snapshot(tmp_path)
+    for overwrite in (True, False):  # without --overwrite, the error says at once that it would not help
+        with pytest.raises(ExistsError, match=rf"^--out {re.escape(str(out))} .*{reason}"):
+            _shard(small_ddr, out, overwrite=overwrite)
+    assert _snapshot(tmp_path) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_an_empty_folder(tmp_path: Path, small_ddr: Path) -> None:
+    (tmp_path / "out").mkdir()
+    _shard(small_ddr, tmp_path / "out", overwrite=True)
+    assert read_manifest(tmp_path / "out")["image_px"] == 32
+
+
+def test_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path: Path, small_ddr: Path) -> None:
+    out = tmp_path / "shards"
+    done = subprocess.run([sys.executable, "-c", KILLED_SHARD_RUN, str(small_ddr), str(out)], capture_output=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    (killed,) = _leftovers(tmp_path)
+    assert (tmp_path / killed / "train-000000.tar").is_file() and not out.exists()
+    similar = [".shards.notes.tmp", ".shards.tmp-1a2b3c4d", f".shards-2.{killed.split('.', 2)[2]}", ".shards.old"]
+    for name in similar:
+        (tmp_path / name).write_text("not a temporary of this run")
+        _age(tmp_path / name)
+    _age(tmp_path / killed)
+    _shard(small_ddr, out)
+    assert _leftovers(tmp_path) == sorted(similar)
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_shards(tmp_path: Path, small_ddr: Path, monkeypatch, capsys):
+    out = tmp_path / "shards"
+    _shard(small_ddr, out)
+    before = _snapshot(out)
+    real_open = tarfile.open
+
+    def tar_on_a_full_disk(*args, **kwargs) -> tarfile.TarFile:
+        tar = real_open(*args, **kwargs)
+        real_write = tar.fileobj.write
+
+        def write(data) -> int:
+            if tar.offset > 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(data)
+
+        tar.fileobj.write = write
+        return tar
+
+    monkeypatch.setattr(tarfile, "open", tar_on_a_full_disk)
+    full = rf"^no space left on device writing {re.escape(str(out))} \([0-9.]+ GB free\); free space or choose another"
+    with pytest.raises(NoSpaceError, match=full + " --out$"):
+        _shard(small_ddr, out, image_px=64, overwrite=True)
+    argv = ["shard", "--ddr-root", str(small_ddr), "--out", str(out), "--image-px", "64", "--workers", "1"]
+    assert main([*argv, "--overwrite", "--quiet"]) == 2
+    assert re.fullmatch("drseg shard: error: " + full[1:] + " --out\n", capsys.readouterr().err)
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the file behind a descriptor")
+def test_manifest_and_shards_are_synced_before_the_rename(tmp_path: Path, small_ddr: Path, monkeypatch) -> None:
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    out = tmp_path / "shards"
+    _shard(small_ddr, out)
+    names = {Path(path).name for path in synced if Path(path).parent.name.startswith(".shards.")}
+    assert names == {"manifest.json", "train-000000.tar", "test-000000.tar"}
+    assert synced[-1] == str(tmp_path)  # the rename itself
+
+
+BAD_FIELDS = {
+    "images as a string": (lambda m: m["splits"]["train"].update(images="8"), "splits.train.images"),
+    "negative images": (lambda m: m["splits"]["train"].update(images=-1), "splits.train.images"),
+    "image_px as a string": (lambda m: m.update(image_px="128"), "image_px"),
+    "image_px as a bool": (lambda m: m.update(image_px=True), "image_px"),
+    "no image_px": (lambda m: m.pop("image_px"), "image_px"),
+    "shards as a string": (lambda m: m["splits"]["test"].update(shards="test-000000.tar"), "splits.test.shards"),
+    "shard outside the folder": (lambda m: m["splits"]["test"]["shards"].__setitem__(0, "../x.tar"), "splits.test"),
+    "shard sizes as floats": (
+        lambda m: m["splits"]["valid"].update(shard_sizes=[2.0, 2.0]),
+        "splits.valid.shard_sizes",
+    ),
+    "ids as numbers": (lambda m: m["splits"]["valid"].update(ids=[1, 2, 3, 4]), "splits.valid.ids"),
+    "has_native as a string": (lambda m: m["splits"]["test"].update(has_native="yes"), "splits.test.has_native"),
+    "image_codec unknown": (lambda m: m.update(image_codec="jpg"), "image_codec"),
+    "mask_resize as a number": (lambda m: m.update(mask_resize=1), "mask_resize"),
+    "samples_per_shard zero": (lambda m: m.update(samples_per_shard=0), "samples_per_shard"),
+    "splits as a list": (lambda m: m.update(splits=["train"]), "splits"),
+    "split as a string": (lambda m: m["splits"].update(train="train-000000.tar"), "splits"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FIELDS, ids=list(BAD_FIELDS))
+def test_manifest_field_of_the_wrong_type_names_field_and_file(tmp_path: Path, shards_dir: Path, case: str) -> None:
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    edit, field = BAD_FIELDS[case]
+    edit(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    path = re.escape(str(tmp_path / "manifest.json"))
+    with pytest.raises(InputError, match=rf"^{path}: field '{re.escape(field)}[.'].* must be .*re-run `drseg shard"):
+        read_manifest(tmp_path)
+
+
+def test_manifest_counts_that_disagree_are_refused(tmp_path: Path, shards_dir: Path) -> None:
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    manifest["splits"]["train"]["images"] = 7
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"manifest.json: split 'train' lists 7 images, 8 ids and shard sizes"):
+        read_manifest(tmp_path)
+
+
+def test_missing_split_names_split_folder_and_available_ones(tmp_path: Path, make_ddr, caplog) -> None:
+    root = make_ddr(tmp_path / "ddr", counts={"test": 1}, size_px=64)
+    with caplog.at_level(logging.WARNING):
+        manifest = _shard(root, tmp_path / "s")
+    assert "has no train split" in caplog.text
+    with pytest.raises(
+        InputError,
+        match=rf"^split 'train' is not in the shards {re.escape(str(tmp_path / 's'))}; "
+        r"available: \['test'\] .*lesion_segmentation/train/",
+    ):
+        split_info(manifest, "train", tmp_path / "s")
+    with pytest.raises(InputError, match=r"^split 'valid' is not in these shards; available: \['test'\]"):
+        split_info(manifest, "valid")

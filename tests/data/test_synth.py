@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from hpc_drseg import __version__
+from hpc_drseg.atomic import NoSpaceError
 from hpc_drseg.constants import LESIONS, SPLITS
 from hpc_drseg.data import synth
 from hpc_drseg.data.synth import PREVALENCE, render_fundus, write_synthetic_ddr
@@ -188,25 +197,107 @@ def test_lesions_lie_inside_the_field_of_view() -> None:
 
 
 # ------------------------------------------------------------------------------------------- atomicity, errors
+def _small(out: Path, counts: dict | None = None, **kwargs) -> Path:
+    return write_synthetic_ddr(out, counts or {"train": 1}, 96, **{"progress": False, "workers": 1, **kwargs})
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    """Relative name → content (link target for a symlink, b"<dir>" for a folder) of `path` and all below it."""
+    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    snapshot = {}
+    for entry in entries:
+        name = str(entry.relative_to(path))
+        if entry.is_symlink():
+            snapshot[name] = b"link:" + os.readlink(entry).encode()
+        elif entry.is_dir():
+            snapshot[name] = b"<dir>"
+        elif entry.exists():
+            snapshot[name] = entry.read_bytes()
+    return snapshot
+
+
+def test_every_tree_carries_the_marker(tree: Path) -> None:
+    marker = json.loads((tree / synth.MARKER).read_text())
+    assert marker == {
+        "tool": "hpc_drseg",
+        "command": "synth",
+        "version": __version__,
+        "counts": COUNTS,
+        "size_px": SIZE_PX,
+        "seed": 3,
+    }
+    assert sorted(p.name for p in tree.iterdir()) == [synth.MARKER, "lesion_segmentation"]
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path: Path) -> None:
-    out = tmp_path / "ddr"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = _small(tmp_path / "ddr")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        write_synthetic_ddr(out, {"train": 1}, 96, progress=False, workers=1)
-    assert (out / "keep.txt").read_text() == "mine" and _temp_siblings(out) == []
-    assert write_synthetic_ddr(out, {"valid": 2}, 96, progress=False, overwrite=True, workers=1) == out
-    assert not (out / "keep.txt").exists()
+        _small(out, {"valid": 2})
+    assert _image_ids(out, "train") and _temp_siblings(out) == []
+    assert _small(out, {"valid": 2}, overwrite=True) == out
     assert [p.name for p in (out / "lesion_segmentation").iterdir()] == ["valid"]  # splits with 0 are not written
     assert len(_image_ids(out, "valid")) == 2 and _temp_siblings(out) == []
+
+
+def _real_ddr(out: Path) -> None:
+    _small(out)
+    (out / synth.MARKER).unlink()  # what a real DDR copy looks like: the layout, no marker
+
+
+def _synth_plus(relative: str):
+    def setup(out: Path) -> None:
+        _small(out)
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out / relative).write_text("the user's")
+
+    return setup
+
+
+def _symlink_to_synth(out: Path) -> None:
+    _small(out.parent / "real-synth")
+    out.symlink_to(out.parent / "real-synth")
+
+
+def _foreign_marker(out: Path) -> None:
+    _small(out)
+    (out / synth.MARKER).write_text(json.dumps({"tool": "hpc_drseg", "command": "shard"}))
+
+
+REFUSED_OUTPUTS = {
+    "user folder": (lambda out: (out.mkdir(), (out / "keep.txt").write_text("mine")), "no .hpc_drseg-synth.json"),
+    "real DDR copy": (_real_ddr, "no .hpc_drseg-synth.json"),
+    "marker of another command": (_foreign_marker, "no .hpc_drseg-synth.json"),
+    "synth tree plus shards": (_synth_plus("shards/manifest.json"), "it holds shards, which drseg synth"),
+    "synth tree plus a note": (_synth_plus("lesion_segmentation/train/notes.txt"), "holds lesion_segmentation/train/"),
+    "synth tree plus an image": (_synth_plus("lesion_segmentation/train/image/x.png"), "train/image/x.png"),
+    "regular file": (lambda out: out.write_text("a file"), "is a file, not a folder"),
+    "symlink to a synth tree": (_symlink_to_synth, r"is a symlink \(to "),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_OUTPUTS, ids=list(REFUSED_OUTPUTS))
+def test_overwrite_replaces_only_a_previous_synth_tree(tmp_path: Path, case: str) -> None:
+    out = tmp_path / "out"
+    setup, reason = REFUSED_OUTPUTS[case]
+    setup(out)
+    before = _snapshot(tmp_path)
+    for overwrite in (True, False):  # without --overwrite, the error says at once that it would not help
+        with pytest.raises(FileExistsError, match=rf"^--out {re.escape(str(out))} .*{reason}"):
+            _small(out, overwrite=overwrite)
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_an_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    assert _image_ids(_small(tmp_path / "out", overwrite=True), "train")
 
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_failure_midway_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool) -> None:
     out = tmp_path / "ddr"
     if existing:
-        out.mkdir()
-        (out / "keep.txt").write_text("mine")
+        _small(out)
+    before = _snapshot(tmp_path)
     calls = []
     real_write = synth._write_sample
 
@@ -220,11 +311,45 @@ def test_failure_midway_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(OSError, match="disk full"):
         write_synthetic_ddr(out, COUNTS, 96, progress=False, workers=1, overwrite=existing)
     assert len(calls) == 3
-    assert _temp_siblings(out) == []
-    if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    else:
-        assert not out.exists()
+    assert _temp_siblings(out) == [] and _snapshot(tmp_path) == before
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _small(tmp_path / "ddr")
+    before = _snapshot(tmp_path)
+
+    def full_disk(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synth, "_write_sample", full_disk)
+    full = rf"^no space left on device writing {re.escape(str(out))} \([0-9.]+ GB free\); free space or choose"
+    with pytest.raises(NoSpaceError, match=full):
+        _small(out, overwrite=True)
+    assert _snapshot(tmp_path) == before
+
+
+KILLED_SYNTH_RUN = """
+import os, signal, sys
+from hpc_drseg.data import synth
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)  # as a preempted job or the OOM killer: no cleanup runs
+synth._write_marker = die
+synth.write_synthetic_ddr(sys.argv[1], {"train": 1}, 96, progress=False, workers=1)
+"""
+
+
+def test_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path: Path) -> None:
+    out = tmp_path / "ddr"
+    done = subprocess.run([sys.executable, "-c", KILLED_SYNTH_RUN, str(out)], capture_output=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    (killed,) = _temp_siblings(out)
+    assert list(killed.glob("lesion_segmentation/train/image/*.jpg")) and not out.exists()
+    keep = tmp_path / ".ddr.tmp-1a2b3c4d"  # a name of the old scheme, with no owner to check: never touched
+    keep.mkdir()
+    for path in (killed, keep):
+        os.utime(path, (time.time() - 600, time.time() - 600))
+    _small(out)
+    assert _temp_siblings(out) == [keep]
 
 
 def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
