@@ -68,7 +68,8 @@ class SweepMember:
 
     def _finish(self) -> dict[str, dict[str, Any]]:
         results = {run.trial.id: run.record for run in self._runs}
-        if any(r.get("status") == "STOPPED" for r in results.values()) and _requeue_handler_installed():
+        stopped = any(r.get("status") == "STOPPED" for r in results.values())
+        if stopped and _requeue_handler_installed() and not _job_is_ending():
             # A trainer stopped resumably without this process being signalled (e.g. SIGTERM to the trainer alone):
             # raise the signal submitit listens to, so that its checkpoint()/requeue path runs.
             os.kill(os.getpid(), signal.SIGUSR2)
@@ -95,6 +96,21 @@ def _current_job_id() -> str:
         return str(submitit.JobEnvironment().job_id)
     except RuntimeError:  # not inside a submitit job: the debug executor
         return f"debug-{os.getpid()}"
+
+
+def _job_is_ending() -> bool:
+    """True when SLURM is already ending this job: after `scancel` it is COMPLETING (or gone) while its processes get
+    SIGTERM, and a requeue would undo the user's cancel. The pre-timeout signal, preemption notices and
+    `scancel --signal` leave it RUNNING, and only those may requeue."""
+    job = os.environ.get("SLURM_JOB_ID")  # an array task has its own job id, which squeue accepts
+    if not job:
+        return False  # not a SLURM job (local or debug executor): nothing can cancel it behind our back
+    try:
+        done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return False  # the scheduler cannot tell: keep the resumable behaviour
+    states = done.stdout.split()
+    return done.returncode != 0 or not states or states[0] != "RUNNING"
 
 
 def _requeue_handler_installed() -> bool:
