@@ -365,7 +365,7 @@ def _initialisation_line(model_cfg: dict[str, Any]) -> str:
 def _mask_resize_line(run_dir: Path) -> str:
     """Which rule shrank the training masks (it changes lesion area in the targets), from the manifest of the run's
     data.shards; "unknown" when the config or the manifest cannot be read."""
-    from hpc_drseg.data.shards import mask_resize_rule, read_manifest
+    from hpc_drseg.data.manifest import mask_resize_rule, read_manifest
 
     shards = (_run_config(run_dir).get("data") or {}).get("shards")
     try:

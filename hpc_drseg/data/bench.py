@@ -154,8 +154,8 @@ def bench_loader(shards_dir: str | Path, workers: int, seconds: float, preset: s
 
     Timing starts when the first batch arrives, so worker start-up and the shuffle buffer's first fill are excluded.
     """
+    from hpc_drseg.data.manifest import read_manifest
     from hpc_drseg.data.pipeline import build_train_loader
-    from hpc_drseg.data.shards import read_manifest
 
     image_px = int(read_manifest(shards_dir)["image_px"])
     aug = build_augment(AugmentConfig(preset=preset), image_px)
@@ -272,7 +272,7 @@ def mask_resize_stats(
     whose footprint holds the centre of one of its pixels is MA, i.e. the MA mask still marks where it was (found by
     mapping the resized mask back to native size with centre-aligned nearest).
     """
-    from hpc_drseg.data.shards import resize_mask
+    from hpc_drseg.data.resize import resize_mask
 
     ma = LESIONS.index("MA")
     native = np.zeros(len(LESIONS))

@@ -331,8 +331,8 @@ def test_seeded_flips_fire_independently():
 
 def test_train_loader_workers_reseed_the_augmentation(shards_dir):
     """Forked workers inherit the parent's (here unseeded) generators; the loader's reseed makes runs repeatable."""
+    from hpc_drseg.data.manifest import read_manifest
     from hpc_drseg.data.pipeline import build_train_loader
-    from hpc_drseg.data.shards import read_manifest
 
     image_px = read_manifest(shards_dir)["image_px"]
 
