@@ -13,7 +13,7 @@ import torch
 
 from hpc_drseg.config import config_to_dict, load_config
 from hpc_drseg.constants import LESION_COLOURS, LESIONS
-from hpc_drseg.data.synth import render_fundus
+from hpc_drseg.data.fundus import render_fundus
 from hpc_drseg.models import build_model
 from hpc_drseg.predict import binarize, estimate_fov, measure_lesions, predict, render_overlay
 

@@ -77,7 +77,7 @@ def _one_thread() -> Iterator[None]:
 
 def make_test_samples(image_px: int, count: int = _TEST_IMAGES, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Synthetic fundus photos with lesion masks, (image H×W×3 uint8, mask H×W×4 uint8 0/1), as the shards hold them."""
-    from hpc_drseg.data.synth import render_fundus
+    from hpc_drseg.data.fundus import render_fundus
 
     rng = np.random.default_rng(seed)
     samples = []

@@ -30,11 +30,11 @@ from hpc_drseg.config.choices import MASK_RESIZE_RULES
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.ddr import available_splits, find_samples, read_sample
 from hpc_drseg.data.encoding import pack_masks, unpack_masks
+from hpc_drseg.data.fundus import render_fundus
 from hpc_drseg.data.manifest import iter_shard_samples, mask_resize_rule, read_manifest, shard_groups, split_info
 from hpc_drseg.data.pipeline import decode_sample
 from hpc_drseg.data.resize import MASK_RESIZE_DESCRIPTIONS, resize_image, resize_mask
 from hpc_drseg.data.shards import write_shards
-from hpc_drseg.data.synth import render_fundus
 from hpc_drseg.errors import ExistsError, InputError
 from hpc_drseg.report import _mask_resize_line
 

@@ -19,8 +19,9 @@ import pytest
 from hpc_drseg import __version__
 from hpc_drseg.atomic import NoSpaceError
 from hpc_drseg.constants import LESIONS, SPLITS
-from hpc_drseg.data import synth
-from hpc_drseg.data.synth import PREVALENCE, render_fundus, write_synthetic_ddr
+from hpc_drseg.data import fundus, synth
+from hpc_drseg.data.fundus import PREVALENCE, render_fundus
+from hpc_drseg.data.synth import write_synthetic_ddr
 
 COUNTS = {"train": 3, "valid": 2, "test": 2}
 SIZE_PX = 128
@@ -97,7 +98,7 @@ def test_images_are_saved_as_rgb_not_swapped(tree: Path) -> None:
 
 
 def test_sizes_vary_around_size_px(tmp_path: Path) -> None:
-    shapes = {synth._image_shape(np.random.default_rng(i), 512) for i in range(40)}
+    shapes = {fundus.image_shape(np.random.default_rng(i), 512) for i in range(40)}
     assert all(0.85 * 512 - 1 <= side <= 1.15 * 512 + 1 for shape in shapes for side in shape)
     assert any(h != w for h, w in shapes) and any(h == w for h, w in shapes)
     assert len(shapes) > 20
@@ -140,7 +141,7 @@ def _render_sample(n: int, size_px: int) -> list[tuple[np.ndarray, dict[str, np.
     out = []
     for i in range(n):
         rng = np.random.default_rng([11, 0, i])
-        out.append(render_fundus(rng, *synth._image_shape(rng, size_px)))
+        out.append(render_fundus(rng, *fundus.image_shape(rng, size_px)))
     return out
 
 
@@ -174,11 +175,11 @@ def test_mask_marks_exactly_the_pixels_painted_at_least_halfway(lesion: str) -> 
     # On a flat grey canvas a pixel's colour change is alpha x |tint - grey|, and the lesion's centre gets the full
     # alpha (0.85-0.95): so masked pixels changed >= 1/2 of the tint distance, unmasked ones < 1/2 of it.
     rng = np.random.default_rng(5)
-    eye = synth._draw_eye(rng, 400, 400)
+    eye = fundus._draw_eye(rng, 400, 400)
     image = np.full((3, 400, 400), 100.0, np.float32)
     mask = np.zeros((400, 400), bool)
-    blob = synth._lesion_blobs(rng, eye, lesion, severity=1.0)[0]
-    synth._paint_lesion(rng, image, mask, np.ones_like(mask), lesion, blob)
+    blob = fundus._lesion_blobs(rng, eye, lesion, severity=1.0)[0]
+    fundus._paint_lesion(rng, image, mask, np.ones_like(mask), lesion, blob)
     change = np.abs(image - 100.0).sum(axis=0)
     assert mask.any() and change[mask].min() >= 0.5 * change.max() - 1e-3
     assert change[~mask].max() < 0.5 / 0.85 * change.max()
@@ -330,7 +331,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_tree(tmp_path: Path, monke
 
 KILLED_SYNTH_RUN = """
 import os, signal, sys
-from hpc_drseg.data import synth
+from hpc_drseg.data import fundus, synth
 def die(*args):
     os.kill(os.getpid(), signal.SIGKILL)  # as a preempted job or the OOM killer: no cleanup runs
 synth._write_marker = die
