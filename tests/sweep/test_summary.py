@@ -57,3 +57,24 @@ def test_collect_means_stds_ranking_and_plots(tmp_path):
     assert "Ranked by **test/standard/mAP**" in ranked
     with pytest.raises(ValueError, match="choose one of"):
         collect_sweep(sweep_dir, rank_by="val/accuracy")
+
+
+def test_concurrent_collects_of_one_sweep_all_succeed(tmp_path):
+    """Users and scripts run `drseg sweep collect` on one folder at once: every file is written under a name of its
+    own and renamed, so none fails on another's temporary file and the results are complete."""
+    import subprocess
+    import sys
+
+    spec = load_sweep_config(write_spec(tmp_path, grid={"loss.weights.dice": [0.5, 1.0]}, seeds=[0, 1]))
+    sweep_dir, trials = prepare_sweep(spec)
+    (sweep_dir / "state").mkdir()
+    for index, trial in enumerate(trials):
+        _fake_run(Path(trial.run_dir), [0.1 * (index + 1)], 0.5)
+        (sweep_dir / "state" / f"{trial.id}.json").write_text(json.dumps({"status": "COMPLETED"}))
+    collect = [sys.executable, "-m", "hpc_drseg", "sweep", "collect", str(sweep_dir)]
+    procs = [subprocess.Popen(collect, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    outcomes = [(proc.wait(timeout=300), proc.stderr.read()) for proc in procs]
+    assert [code for code, _ in outcomes] == [0] * 6, outcomes
+    assert not [p.name for p in sweep_dir.rglob("*") if p.name.endswith(".tmp")]
+    assert (sweep_dir / "plots" / "val_mAP_vs_loss.weights.dice.png").stat().st_size > 1000
+    assert len(collect_sweep(sweep_dir)["md"].read_text().splitlines()) > 5
