@@ -196,13 +196,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _setup_logging()
-    result = train(cfg)
+    result = train(cfg, allow_config_change=args.allow_config_change)
     print(f"{result.run_dir}: {result.reason} (epoch {result.progress.epoch}, step {result.progress.global_step})")
     return result.exit_code
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    _add_config_args(_command(sub, "train", cmd_train, help="train a model (resumes an existing run directory)"))
+    p = _command(sub, "train", cmd_train, help="train a model (resumes an existing run directory)")
+    _add_config_args(p)
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config changes what the run computes (e.g. optim.lr); the change is recorded "
+        "in RUN/config_changes.jsonl and config.yaml is rewritten",
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

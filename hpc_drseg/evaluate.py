@@ -3,21 +3,28 @@
 paper: the shards' resolution (512² for the paper), per batch of eval.batch_size consecutive images (Table I).
 standard: probabilities upsampled to each image's native size, counts summed over the whole split and all ranks.
 With several processes (and loader workers) each rank scores a contiguous share of whole batches, so the paper
-protocol's batches, and its result, are the same as with one process.
+protocol's batches, and its result, are the same as with one process. The loader checks every sample against the
+shards' manifest; eval_<split>.json records how many images were scored, and that is the split's count.
+
+The model is built from the run's config.yaml (with the command's overrides) and must be the checkpoint's
+architecture; its weights load strictly (train/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from hpc_drseg.atomic import atomic_write_json
-from hpc_drseg.config import RunConfig, config_from_dict, load_config
+from hpc_drseg.config import ModelConfig, RunConfig, load_config
 from hpc_drseg.constants import LESIONS
-from hpc_drseg.data.pipeline import EvalLoader, build_eval_loader
+from hpc_drseg.data.manifest import read_manifest, split_info
+from hpc_drseg.data.pipeline import Batch, EvalLoader, build_eval_loader
 from hpc_drseg.errors import MissingError
 from hpc_drseg.metrics import PR_CURVE_POINTS, histogram_pr_points
 from hpc_drseg.models import build_model
@@ -47,11 +54,22 @@ def run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     return load_config(path, overrides)
 
 
-def load_model_weights(path: Path) -> tuple[torch.nn.Module, RunConfig, dict[str, Any]]:
-    state = ckpt.load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
+def load_model_weights(
+    path: Path, expected: Optional[ModelConfig] = None, built_from: str = "the config"
+) -> tuple[torch.nn.Module, RunConfig, dict[str, Any]]:
+    """(model with the checkpoint's weights, the checkpoint's config, the checkpoint) for scoring or prediction.
+
+    The model is built from `expected` (e.g. a run's config.yaml, named by `built_from`) after checking that it is
+    the checkpoint's architecture, else from the checkpoint's own config. Never with its pretrained backbone file:
+    the checkpoint's weights replace it, and that file may not exist where the checkpoint is used.
+    """
+    state = ckpt.load_run_checkpoint(path)
+    cfg = ckpt.checkpoint_config(state, path)
+    if expected is not None:
+        ckpt.check_architecture(cfg.model, expected, path, built_from)
+    model_cfg = dataclasses.replace(expected or cfg.model, init="random", pretrained_path=None)
+    model = build_model(model_cfg)
+    ckpt.load_model_state(model, state["model"], path)
     return model, cfg, state
 
 
@@ -66,18 +84,20 @@ def evaluate_run(
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, list(overrides or []))
     path = resolve_checkpoint(run_dir, which)
-    model, _, state = load_model_weights(path)
+    built_from = f"{run_dir / 'config.yaml'}" + (" with the overrides given" if overrides else "")
+    model, _, state = load_model_weights(path, cfg.model, built_from)
     accelerator = build_accelerator(cfg.train)
     model = model.to(accelerator.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = _eval_loader(cfg, split, accelerator, with_native=protocol in ("standard", "both"))
+    loader = _Counted(_eval_loader(cfg, split, accelerator, with_native=protocol in ("standard", "both")))
     paper, standard, _ = collect_metrics(accelerator, model, loader, cfg, native=protocol != "paper")
     result = {
         "run": str(run_dir),
         "checkpoint": str(path),
-        "epoch": state["progress"]["epoch"],
+        "epoch": state.get("progress", {}).get("epoch"),
         "split": split,
+        "images": _images_scored(accelerator, loader.images, cfg, split),
         "processes": accelerator.num_processes,
         "protocols": {},
     }
@@ -103,6 +123,30 @@ def _eval_loader(cfg: RunConfig, split: str, accelerator: Accelerator, with_nati
         num_workers=cfg.data.num_workers,
         with_native=with_native,
     )
+
+
+class _Counted:
+    """The batches of a loader, counting the images they hold."""
+
+    def __init__(self, batches: Iterable[Batch]) -> None:
+        self.batches, self.images = batches, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            self.images += len(batch.ids)
+            yield batch
+
+
+def _images_scored(accelerator: Accelerator, images: int, cfg: RunConfig, split: str) -> int:
+    """The images scored on all ranks: the split's count in the manifest. The loader checks every shard against the
+    manifest, so a difference here is a bug in sharing the split among ranks and workers, not a user error."""
+    total = int(accelerator.reduce(torch.tensor([images], device=accelerator.device), "sum").item())
+    listed = split_info(read_manifest(cfg.data.shards), split, cfg.data.shards)["images"]
+    if total != listed:
+        raise RuntimeError(
+            f"scored {total} images of split '{split}' but the manifest of {cfg.data.shards} lists {listed}"
+        )
+    return total
 
 
 def _pr_curves(standard) -> dict[str, dict[str, list[float]]]:

@@ -1,6 +1,8 @@
 """`drseg predict`: lesion maps for any fundus photo with a trained checkpoint (Jithesh et al., ICMLA 2025): an overlay
 in the paper's colours, optional probabilities, and per-lesion counts and areas (the paper's "quantitative
 measurements") in OUT/lesions.json. Images are processed one at a time, so memory stays bounded on large folders.
+The model is built from the checkpoint's own config (never reading the ImageNet file it may name: the checkpoint's
+weights replace it); a file that is no run checkpoint, or whose weights do not fit its config, is one line naming it.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def predict_probs(model: torch.nn.Module, image: np.ndarray, image_px: int, devi
     Same input path as training: resize to image_px² (area averaging when shrinking), ImageNet normalisation;
     the probabilities (not the logits) are then upsampled bilinearly, as in the standard evaluation protocol.
     """
-    from hpc_drseg.data.shards import resize_image
+    from hpc_drseg.data.resize import resize_image
     from hpc_drseg.models import split_output
 
     height, width = image.shape[:2]

@@ -1,5 +1,6 @@
 """`drseg eval`: the paper protocol's batches, and so its figures, are the same for any number of loader workers and
-processes (each rank scores a contiguous share of whole batches); the standard protocol's summed counts likewise."""
+processes (each rank scores a contiguous share of whole batches); the standard protocol's summed counts likewise.
+eval_<split>.json counts the images scored; the checkpoint must be a run checkpoint of the config's architecture."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpc_drseg.config import load_config
 from hpc_drseg.evaluate import evaluate_run
@@ -71,3 +73,34 @@ def test_two_process_eval_matches_one_process(trained_run: Path, tmp_path: Path)
     two = json.loads((run_dir / "eval_test.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
     _assert_close(_scores(one), _scores(two), rel=1e-4)
+
+
+def test_eval_records_the_images_scored(trained_run: Path) -> None:
+    result = evaluate_run(trained_run, split="valid", protocol="paper", overrides=["data.num_workers=0"])
+    assert result["images"] == 4
+    assert json.loads((trained_run / "eval_valid.json").read_text())["images"] == 4
+
+
+def test_eval_refuses_a_config_of_another_architecture(trained_run: Path) -> None:
+    with pytest.raises(ValueError, match=r"holds another architecture .*\(model\.backbone: resnet18 → resnet34;"):
+        evaluate_run(trained_run, overrides=["model.backbone=resnet34"])
+
+
+def test_eval_loads_checkpoints_with_compile_wrapped_keys(trained_run: Path, tmp_path: Path) -> None:
+    """Checkpoints of compiled models written before the keys were cleaned hold `_orig_mod.` prefixes."""
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        state["model"] = {f"_orig_mod.{key}": value for key, value in state["model"].items()}
+        torch.save(state, path)
+    old = evaluate_run(run_dir, split="valid", protocol="paper", overrides=["data.num_workers=0"])
+    new = evaluate_run(trained_run, split="valid", protocol="paper", overrides=["data.num_workers=0"])
+    assert _scores(old) == _scores(new)
+
+
+def test_eval_of_a_file_that_is_no_run_checkpoint(trained_run: Path, tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    best = run_dir / "checkpoints" / "best.pt"
+    torch.save(torch.load(best, weights_only=True)["model"], best)
+    with pytest.raises(ValueError, match=r"best\.pt is not a hpc_drseg checkpoint: it holds a bare state dict"):
+        evaluate_run(run_dir)

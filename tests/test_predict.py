@@ -148,3 +148,33 @@ def test_overlay_colours_and_contour_keep_tiny_lesions_visible():
     inside = overlay[10, 10].astype(int)
     assert inside[1] > 100 and inside[0] < 100  # tinted green inside, the photo still shows through
     assert tuple(overlay[30, 30]) == (100, 100, 100)
+
+
+def test_checkpoint_of_an_imagenet_run_needs_no_backbone_file(tmp_path, photos):
+    """A run started from ImageNet weights records their path; predicting elsewhere must not need that file."""
+    cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained_path=/nowhere/resnet18.pth"])
+    values = config_to_dict(cfg)
+    values["data"]["image_px"] = 64
+    model = build_model(load_config(None, ["model.backbone=resnet18", "model.init=random"]).model)
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "config": values}, path)
+    result = predict(path, photos / "eye1.jpg", tmp_path / "out")
+    assert list(result["images"]) == ["eye1.jpg"] and result["model"] == "attention_deeplab"
+
+
+def test_files_that_are_no_checkpoint_of_this_model(checkpoint, photos, tmp_path):
+    state = torch.load(checkpoint, weights_only=True)
+    bare = tmp_path / "bare.pt"
+    torch.save(state["model"], bare)
+    with pytest.raises(ValueError, match=r"bare\.pt is not a hpc_drseg checkpoint"):
+        predict(bare, photos, tmp_path / "o1")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match=r"notes\.pt is not a readable hpc_drseg checkpoint"):
+        predict(text, photos, tmp_path / "o2")
+    wider = config_to_dict(load_config(None, ["model.name=unet", "model.unet_base_width=8", "data.image_px=64"]))
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save({**state, "config": wider}, mismatched)  # weights of width 4 under a config of width 8
+    with pytest.raises(ValueError, match=r"mismatched\.pt does not fit the UNet its config builds: \d+ mis-shaped"):
+        predict(mismatched, photos, tmp_path / "o3")
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))

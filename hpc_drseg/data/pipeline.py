@@ -2,6 +2,11 @@
 of the training set, padded to the same number of whole batches on every rank (DDP would hang otherwise), and an
 evaluation stream that yields every sample exactly once across ranks. Never pass these loaders through
 accelerator.prepare (it would re-split or broadcast).
+
+Shards are checked against their manifest while they are read: every sample must be the one the manifest lists at
+its place in its shard (so a shard that holds other, fewer or more samples is an error naming it and the id), and
+every image and mask must be at the manifest's image_px. Nothing is scored or trained on that the manifest does not
+describe.
 """
 
 from __future__ import annotations
@@ -21,16 +26,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hpc_drseg.config.choices import IMAGE_CODECS
-from hpc_drseg.data.shards import (
-    decode_image,
-    decode_png,
-    iter_shard_samples,
-    read_manifest,
-    shard_groups,
-    split_info,
-    unpack_masks,
-)
-from hpc_drseg.errors import InputError
+from hpc_drseg.data.encoding import decode_image, decode_png, unpack_masks
+from hpc_drseg.data.manifest import MANIFEST, iter_shard_samples, read_manifest, shard_groups, split_info
+from hpc_drseg.errors import DrsegError, InputError
 
 Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -64,8 +62,14 @@ def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- decoding
-def decode_sample(raw: dict[str, Any], shard: Path, with_native: bool = False) -> Sample:
-    """Raw tar sample {'__key__', 'image.png' or 'image.npy', 'mask.png', ...} → Sample; masks stay H×W bit planes."""
+def decode_sample(
+    raw: dict[str, Any], shard: Path, with_native: bool = False, image_px: Optional[int] = None
+) -> Sample:
+    """Raw tar sample {'__key__', 'image.png' or 'image.npy', 'mask.png', ...} → Sample; masks stay H×W bit planes.
+
+    `image_px`: the manifest's side; an image or mask of another size is an error naming the shard and the key
+    (without augmentation nothing else would notice: it would train or be scored at the wrong size).
+    """
     key = raw["__key__"]
     codec = next((c for c in IMAGE_CODECS if f"image.{c}" in raw), None)
     needed = ("mask.png",) + (("native.png",) if with_native else ())
@@ -80,11 +84,47 @@ def decode_sample(raw: dict[str, Any], shard: Path, with_native: bool = False) -
     mask = unpack_masks(decode_png(raw["mask.png"], name), name=name)
     if mask.shape[:2] != image.shape[:2]:
         raise InputError(f"shard {shard}: sample '{key}' has image {image.shape} and mask {mask.shape}; re-shard")
+    if image_px is not None and image.shape[:2] != (image_px, image_px):
+        height, width = image.shape[:2]
+        raise InputError(
+            f"shard {shard}: sample '{key}' is {width}×{height} px but {shard.parent / MANIFEST} says image_px="
+            f"{image_px}; the shards and their manifest disagree: re-run `drseg shard --overwrite`"
+        )
     native = None
     if with_native:
         name = f"shard {shard}: {key}.native.png"
         native = unpack_masks(decode_png(raw["native.png"], name), channels_first=True, name=name)
     return Sample(key, image, mask, native)
+
+
+def checked_samples(path: Path, expected: list[str], count: int) -> Iterator[dict[str, Any]]:
+    """The first `count` raw samples of shard `path`, each checked to be the one its manifest lists at that place
+    (`expected`: the manifest's ids of this shard, in order). With count = len(expected) the shard is read to its
+    end, so a sample after the listed ones is found too; with fewer, reading stops after the last one needed."""
+    position = 0
+    if count <= 0:
+        return
+    with contextlib.closing(iter_shard_samples(path)) as samples:
+        for raw in samples:
+            if position >= len(expected) or raw["__key__"] != expected[position]:
+                raise _unlisted_sample(path, position, raw["__key__"], expected)
+            position += 1
+            yield raw
+            if position == count < len(expected):
+                return
+    if position < count:
+        raise InputError(
+            f"shard {path} ends after {position} samples but {path.parent / MANIFEST} lists {len(expected)} in it "
+            f"(first missing: '{expected[position]}'); re-run `drseg shard --overwrite`"
+        )
+
+
+def _unlisted_sample(path: Path, position: int, key: str, expected: list[str]) -> InputError:
+    listed = f"'{expected[position]}'" if position < len(expected) else f"only {len(expected)} samples"
+    return InputError(
+        f"shard {path} holds sample '{key}' at position {position} where {path.parent / MANIFEST} lists {listed}; "
+        "the shards and their manifest disagree: re-run `drseg shard --overwrite`"
+    )
 
 
 def collate(samples: list[Sample], with_native: bool = False) -> Batch:
@@ -174,18 +214,21 @@ class _Order(NamedTuple):
 
 
 class _TrainData(NamedTuple):
-    """The samples trained on: ids (index = sample index), the shard of each, each shard's path and members."""
+    """The samples trained on: ids (index = sample index), the shard of each, each shard's path and members, every
+    id the manifest lists in each shard (in order: what reading checks), and the manifest's image_px."""
 
     ids: list[str]
     shard_of: list[int]
     paths: list[Path]
     members: list[list[int]]
+    listed: list[list[str]]
+    image_px: int
 
 
-def _train_data(folder: Path, info: dict[str, Any], subset: int) -> _TrainData:
+def _train_data(folder: Path, info: dict[str, Any], subset: int, image_px: int) -> _TrainData:
     """The split's samples, or with `subset` > 0 only its first `subset` in id order (a fixed subset: debug runs)."""
     count = info["images"] if subset <= 0 else min(subset, info["images"])
-    data = _TrainData([], [], [], [])
+    data = _TrainData([], [], [], [], [], image_px)
     for path, group_ids in shard_groups(folder, info):
         taken = group_ids[: count - len(data.ids)]
         if not taken:
@@ -193,6 +236,7 @@ def _train_data(folder: Path, info: dict[str, Any], subset: int) -> _TrainData:
         data.members.append(list(range(len(data.ids), len(data.ids) + len(taken))))
         data.shard_of.extend([len(data.paths)] * len(taken))
         data.paths.append(path)
+        data.listed.append(group_ids)
         data.ids.extend(taken)
     return data
 
@@ -224,20 +268,15 @@ class _RawSamples:
         return raw, self.data.paths[self.data.shard_of[index]]
 
     def _read(self, shard: int) -> None:
-        """Caches every sample of `shard` still to be used, reading no further than the last of them."""
-        path, ids = self.data.paths[shard], self.data.ids
+        """Caches every sample of `shard` still to be used, reading no further than the last of them (the rest of the
+        shard holds nothing this worker needs in this pass)."""
+        ids, listed = self.data.ids, self.data.listed[shard]
         wanted = {ids[i]: i for i in self.data.members[shard] if self.uses[i] > 0 and i not in self.cache}
-        with contextlib.closing(iter_shard_samples(path)) as samples:
-            for raw in samples:
-                index = wanted.pop(raw["__key__"], None)
-                if index is not None:
-                    self.cache[index] = raw
-                if not wanted:
-                    return  # the rest of the shard holds nothing this worker needs in this pass
-        raise InputError(
-            f"shard {path} lacks the samples {sorted(wanted)} that the manifest lists in it; "
-            "re-run `drseg shard --overwrite`"
-        )
+        count = max(listed.index(sample_id) for sample_id in wanted) + 1
+        for raw in checked_samples(self.data.paths[shard], listed, count):
+            index = wanted.get(raw["__key__"])
+            if index is not None:
+                self.cache[index] = raw
 
 
 class _TrainStream(IterableDataset):
@@ -271,7 +310,7 @@ class _TrainStream(IterableDataset):
             yield collate([self._sample(*raw.take(i), place) for i, place in zip(row, places)])
 
     def _sample(self, raw: dict[str, Any], shard: Path, position: int) -> Sample:
-        sample = decode_sample(raw, shard)
+        sample = decode_sample(raw, shard, False, self.data.image_px)
         if self.augment is None:
             return sample
         with _seeded(sample_seed(self.order.seed, self.order.epoch, position), self.augment):
@@ -313,10 +352,27 @@ def _run(stream: IterableDataset, num_workers: int) -> Iterator[Batch]:
     iterator = iter(loader)
     try:
         yield from iterator
+    except DrsegError as exc:
+        clean = _one_line(exc)
+        if clean is exc:
+            raise
+        raise clean from exc
     finally:
         shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own cleanup (multi-process iterators only)
         if shutdown is not None:
             shutdown()
+
+
+def _one_line(exc: DrsegError) -> DrsegError:
+    """A user error raised in a loader worker, as its own one line: torch re-raises it in this process with the
+    worker's whole traceback as the message ("Caught InputError in DataLoader worker process 0. Original Traceback
+    ... hpc_drseg.errors.InputError: <message>")."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return type(exc)(last[len(name) :] if last.startswith(name) else last)
 
 
 def _identity(batch: Batch) -> Batch:
@@ -361,8 +417,9 @@ def build_train_loader(
             f"build_train_loader: got batch_size={batch_size}, subset={subset}, seed={seed}, epoch={epoch}, "
             f"start_batch={start_batch}; need batch_size >= 1 and subset, seed, epoch, start_batch >= 0"
         )
-    info = split_info(read_manifest(shards_dir), split, shards_dir)
-    data = _train_data(Path(shards_dir), info, subset)
+    manifest = read_manifest(shards_dir)
+    info = split_info(manifest, split, shards_dir)
+    data = _train_data(Path(shards_dir), info, subset, manifest["image_px"])
     if not data.ids:
         raise InputError(f"split '{split}' in {shards_dir} holds no images to train on; re-run `drseg shard`")
     steps = steps_per_epoch(len(data.ids), batch_size, world_size) if steps is None else steps
@@ -377,16 +434,17 @@ def build_train_loader(
 
 # ----------------------------------------------------------------------------------------------- evaluation
 class _Slot(NamedTuple):
-    """What one DataLoader worker of this rank reads: shards, and the ids it yields from them (in order)."""
+    """What one DataLoader worker of this rank reads: shards (each with every id its manifest lists in it, in order),
+    and the ids it yields from them (in order)."""
 
-    paths: list[Path]
+    shards: list[tuple[Path, list[str]]]
     ids: list[str]
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, slots: list[_Slot], batch_size: int, with_native: bool) -> None:
+    def __init__(self, slots: list[_Slot], batch_size: int, with_native: bool, image_px: int) -> None:
         super().__init__()
-        self.slots, self.batch_size, self.with_native = slots, batch_size, with_native
+        self.slots, self.batch_size, self.with_native, self.image_px = slots, batch_size, with_native, image_px
 
     def __iter__(self) -> Iterator[Batch]:
         worker, _ = _worker_slot()
@@ -395,18 +453,18 @@ class _EvalStream(IterableDataset):
         slot = self.slots[worker]
         keep = frozenset(slot.ids)
         batch: list[Sample] = []
-        left = len(slot.ids)
-        for path in slot.paths:
-            for raw in iter_shard_samples(path):
-                if raw["__key__"] not in keep:
-                    continue
-                batch.append(decode_sample(raw, path, self.with_native))
-                left -= 1
-                if len(batch) == self.batch_size or left == 0:
+        for path, listed in slot.shards:
+            # Read up to this slot's last sample of the shard (the rest belongs to the next slot), checking each
+            # sample read against the manifest, skipped ones included.
+            count = 1 + max(place for place, sample_id in enumerate(listed) if sample_id in keep)
+            for raw in checked_samples(path, listed, count):
+                if raw["__key__"] in keep:
+                    batch.append(decode_sample(raw, path, self.with_native, self.image_px))
+                if len(batch) == self.batch_size:
                     yield collate(batch, self.with_native)
                     batch = []
-                if left == 0:
-                    return  # the rest of this shard belongs to the next slot: do not read it
+        if batch:
+            yield collate(batch, self.with_native)
 
 
 def eval_slots(
@@ -420,7 +478,7 @@ def eval_slots(
     by at most one batch, and a rank gets none when there are fewer batches than ranks.
     Returns one _Slot per DataLoader worker (one for num_workers = 0; fewer when the rank has fewer batches).
     """
-    ordered = [(path, sample_id) for path, group_ids in groups for sample_id in group_ids]
+    ordered = [(shard, sample_id) for shard, (_, group_ids) in enumerate(groups) for sample_id in group_ids]
     first, stop = _share(math.ceil(len(ordered) / batch_size), rank, world_size)
     count = max(1, min(num_workers, stop - first))
     slots = []
@@ -428,7 +486,7 @@ def eval_slots(
         begin, end = (first + k for k in _share(stop - first, worker, count))
         part = ordered[begin * batch_size : end * batch_size]
         ids = [sample_id for _, sample_id in part]
-        slots.append(_Slot(list(dict.fromkeys(path for path, _ in part)), ids))
+        slots.append(_Slot([groups[shard] for shard in dict.fromkeys(shard for shard, _ in part)], ids))
     return slots
 
 
@@ -484,4 +542,4 @@ def build_eval_loader(
         )
     slots = eval_slots(shard_groups(shards_dir, info), rank, world_size, num_workers, batch_size)
     workers = min(num_workers, len(slots)) if num_workers > 0 else 0
-    return EvalLoader(_EvalStream(slots, batch_size, with_native), workers)
+    return EvalLoader(_EvalStream(slots, batch_size, with_native, manifest["image_px"]), workers)

@@ -56,6 +56,34 @@ def _build(cfg: ModelConfig, cbam_impl: str, load_weights: bool) -> nn.Module:
     )
 
 
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """The model.* fields that fix a model's parameters and what it computes, by dotted key.
+
+    Not the initialisation (init, pretrained_path: a checkpoint's weights replace it) nor cbam.impl (the same CBAM
+    computed by other kernels); nor, for a model, the fields it ignores (U-Net: every DeepLab field; plain
+    DeepLab-V3+ and Attention-DeepLab without sites: the CBAM fields).
+    """
+    fields: dict[str, Any] = {"name": cfg.name}
+    if cfg.name == "unet":
+        fields.update(unet_base_width=cfg.unet_base_width, unet_bilinear=cfg.unet_bilinear)
+    else:
+        fields.update(backbone=cfg.backbone, output_stride=cfg.output_stride, aspp_rates=list(cfg.aspp_rates))
+        fields.update(aspp_separable=cfg.aspp_separable, use_aux_head=cfg.use_aux_head)
+        fields.update(align_corners=cfg.align_corners)
+        cbam = uses_cbam(cfg)
+        fields["cbam.sites"] = list(cfg.cbam.sites) if cbam else []
+        fields["cbam.reduction"] = cfg.cbam.reduction if cbam else None
+        fields["cbam.kernel_size"] = cfg.cbam.kernel_size if cbam else None
+    return {f"model.{key}": value for key, value in fields.items()}
+
+
+def architecture_differences(saved: ModelConfig, built: ModelConfig) -> list[tuple[str, Any, Any]]:
+    """(model.<key>, saved value, built value) for every architecture field that differs; [] = same architecture.
+    Only fields both models have are compared: between U-Net and a DeepLab model the name is the difference."""
+    old, new = architecture(saved), architecture(built)
+    return [(key, old[key], new[key]) for key in old if key in new and old[key] != new[key]]
+
+
 def check_initialisation(cfg: ModelConfig) -> None:
     """Before training: model.init=imagenet needs a readable weights file (DeepLab models)."""
     if cfg.init == "random" or cfg.name == "unet":  # U-Net has no ImageNet backbone: always random, as in the paper

@@ -3,14 +3,19 @@
 Paper optimisation (Jithesh et al., ICMLA 2025): Adam 1e-4, ReduceLROnPlateau (0.5, 5), early stopping (15), batch 4.
 Re-running on an existing run directory resumes it exactly: weights, optimiser, monitor, epoch/step, RNG and the
 position in the epoch's deterministic data stream (the Checkpointer of train/checkpoint.py saves and restores them).
+A run folder is never shared or silently reinterpreted: rank 0 holds its lock (train/lock.py) while training, a
+resume with a config that changes what the run computes stops unless allowed (and is recorded when it goes on), and
+inputs that would fail only after an epoch of compute (validation split, shard files) are checked before step 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,13 +24,14 @@ import torch
 
 from hpc_drseg.config import RunConfig, save_config
 from hpc_drseg.data.augment import build_augment
+from hpc_drseg.data.manifest import read_manifest, shard_groups, split_info
 from hpc_drseg.data.normalize import normalize
 from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader, steps_per_epoch
-from hpc_drseg.data.shards import read_manifest
-from hpc_drseg.errors import InputError
+from hpc_drseg.errors import DrsegError, ExistsError, InputError
 from hpc_drseg.losses import build_loss
 from hpc_drseg.models import build_model, check_initialisation, split_output
-from hpc_drseg.train.checkpoint import Checkpointer, Progress
+from hpc_drseg.train.checkpoint import Checkpointer, Progress, record_config_changes
+from hpc_drseg.train.lock import RunLock
 from hpc_drseg.train.logs import RunLogger
 from hpc_drseg.train.monitor import BestTracker, LRPlateau, TrainingMonitor
 from hpc_drseg.train.runtime import (
@@ -109,20 +115,25 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig) -> None:
+    """Builds the model, optimiser and monitor from `cfg` and writes nothing: `fit()` takes the run folder (its lock,
+    then resume or a fresh config.yaml) and trains. `allow_config_change`: resume last.pt even with a config that
+    changes what the run computes (see train/checkpoint.py)."""
+
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False) -> None:
         check_initialisation(cfg.model)  # before anything slow: a missing weights file is found in a second
-        self.cfg = cfg
+        self.cfg, self.allow_config_change = cfg, allow_config_change
         self.run_dir = cfg.run_dir
         self.accelerator = build_accelerator(cfg.train)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.manifest = read_manifest(cfg.data.shards)
         self._check_image_size()
+        self._check_split(cfg.data.train_split, "data.train_split")
         self.progress = Progress()
         self.stop = StopFlag()
         self._build_objects()
-        self.checkpointer = Checkpointer(self.accelerator, cfg, self.model, self.optimizer, self.monitor)
-        self.logger = RunLogger(self.run_dir, enabled=self.is_main, history=self.progress.history)
+        self.checkpointer: Optional[Checkpointer] = None  # made by fit() once the run folder is locked
+        self.logger = RunLogger(self.run_dir, enabled=False, history=self.progress.history)  # fit() opens the real one
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _check_image_size(self) -> None:
@@ -132,6 +143,18 @@ class Trainer:
                 f"shards in {self.cfg.data.shards} are {shard_px}px but data.image_px={self.cfg.data.image_px}; "
                 f"set data.image_px={shard_px} or re-shard with --image-px {self.cfg.data.image_px}"
             )
+
+    def _check_split(self, split: str, key: str) -> None:
+        """The split exists, holds images and all its shard files: a missing one would otherwise surface only when the
+        loader reaches it (for the validation split, after an epoch of compute)."""
+        shards = self.cfg.data.shards
+        info = split_info(self.manifest, split, shards)
+        if info["images"] < 1:
+            raise InputError(
+                f"split '{split}' ({key}) in the shards {shards} holds no images; shard a DDR tree whose "
+                f"lesion_segmentation/{split}/ has images, or set {key} to another split"
+            )
+        shard_groups(shards, info)  # MissingError naming the first shard file that is listed but absent
 
     def _build_objects(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -174,7 +197,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.steps_per_epoch:
             return cfg.train.steps_per_epoch
-        images = self.manifest["splits"][cfg.data.train_split]["images"]
+        images = split_info(self.manifest, cfg.data.train_split, cfg.data.shards)["images"]
         if cfg.data.subset:
             images = min(images, cfg.data.subset)
         steps = steps_per_epoch(images, cfg.train.batch_size, self.world)
@@ -240,29 +263,41 @@ class Trainer:
             start_batch=self.progress.step_in_epoch,
         )
 
+    @contextlib.contextmanager
+    def _batches_and_bar(self, epoch: int) -> Iterator[tuple[Iterable[Batch], Any]]:
+        """This rank's rest of the epoch and its progress bar, both closed on the way out. The bar appears once the
+        first batch is read: a shard that disagrees with its manifest is then one line of its own, not one under a
+        bar."""
+        with contextlib.closing(iter(self._train_batches(epoch))) as batches:
+            first = next(batches, None)
+            bar = self.logger.progress_bar(self.steps, self.progress.step_in_epoch, f"epoch {epoch}")
+            try:
+                yield itertools.chain([] if first is None else [first], batches), bar
+            finally:
+                bar.close()
+
     def run_epoch(self, epoch: int) -> EpochStats:
         """Trains the rest of one epoch (from progress.step_in_epoch); stops early on a signal or train.max_steps."""
         sums: dict[str, torch.Tensor] = {}
         started, images, steps, stop = time.perf_counter(), 0, 0, None
-        bar = self.logger.progress_bar(self.steps, self.progress.step_in_epoch, f"epoch {epoch}")
         waited_from = time.perf_counter()
-        for batch in self._train_batches(epoch):
-            step_from = time.perf_counter()
-            terms = self.train_step(batch)
-            if self.cfg.train.debug:
-                data_s, compute_s = step_from - waited_from, time.perf_counter() - step_from
-                log.info("debug: step %d data %.3fs compute %.3fs", self.progress.global_step, data_s, compute_s)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0) + value
-            images, steps = images + len(batch.ids) * self.world, steps + 1
-            self.progress.step_in_epoch += 1
-            self.progress.global_step += 1
-            self._after_step(terms, bar, images / max(time.perf_counter() - started, 1e-9))
-            stop = self._early_stop()
-            if stop is not None:
-                break
-            waited_from = time.perf_counter()
-        bar.close()
+        with self._batches_and_bar(epoch) as (batches, bar):
+            for batch in batches:
+                step_from = time.perf_counter()
+                terms = self.train_step(batch)
+                if self.cfg.train.debug:
+                    data_s, compute_s = step_from - waited_from, time.perf_counter() - step_from
+                    log.info("debug: step %d data %.3fs compute %.3fs", self.progress.global_step, data_s, compute_s)
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0) + value
+                images, steps = images + len(batch.ids) * self.world, steps + 1
+                self.progress.step_in_epoch += 1
+                self.progress.global_step += 1
+                self._after_step(terms, bar, images / max(time.perf_counter() - started, 1e-9))
+                stop = self._early_stop()
+                if stop is not None:
+                    break
+                waited_from = time.perf_counter()
         train_logs = {f"train/{k}": self._mean_across_ranks(v, steps) for k, v in sums.items()}
         speed = images / max(time.perf_counter() - started, 1e-9)
         return EpochStats(train=train_logs, img_per_s=speed, started=started, stop=stop)
@@ -347,26 +382,66 @@ class Trainer:
             log.info("replicas identical on all %d ranks (%d parameter tensors)", self.world, checksum.numel())
 
     # ------------------------------------------------------------------------------------------------ main loop
-    def resume(self) -> bool:
-        """Continues from RUN/checkpoints/last.pt if there is one; False for a fresh run."""
-        progress = self.checkpointer.resume()
-        if progress is None:
-            return False
-        self.progress = progress
-        self.logger.history = progress.history
+    def _lock_run_folder(self) -> Optional[RunLock]:
+        """Rank 0 takes RUN/.lock before anything is written; every rank learns whether it got it, so that a refusal
+        stops all ranks at once instead of leaving the others waiting in their next collective."""
+        lock, failure = None, None
+        if self.is_main:
+            try:
+                lock = RunLock.acquire(self.run_dir)
+            except Exception as exc:  # whatever it is, the other ranks must hear of it
+                failure = exc
+        refusal = self._from_rank_0(None if failure is None else (isinstance(failure, DrsegError), str(failure)))
+        if failure is not None:
+            raise failure
+        if refusal is not None:
+            user_error, message = refusal
+            if user_error:
+                raise ExistsError(message)
+            raise RuntimeError(f"rank 0 could not lock {self.run_dir}: {message}")
+        return lock
+
+    def _from_rank_0(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (a collective: every rank must call it)."""
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+    def _start(self) -> None:
+        """Resumes RUN/checkpoints/last.pt if there is one (recording any config change), else writes config.yaml."""
+        resumed = self.checkpointer.resume(self.allow_config_change)
+        if resumed is None:
+            if self.is_main:
+                save_config(self.cfg, self.run_dir / "config.yaml")
+            return
+        self.progress = resumed.progress
         self._apply_lr()
-        return True
+        if not self.is_main:
+            return
+        if resumed.changes:  # config.yaml must say what runs from now on (drseg eval reads it)
+            record_config_changes(self.cfg, resumed.changes, resumed.path, self.progress.global_step)
+        elif not (self.run_dir / "config.yaml").is_file():
+            save_config(self.cfg, self.run_dir / "config.yaml")
 
     def fit(self) -> TrainResult:
+        # Validation runs only after an epoch of compute: its split is checked now (the training split was in __init__).
+        self._check_split(self.cfg.data.val_split, "data.val_split")
+        lock = self._lock_run_folder()
         self.stop.install()
         try:
-            if not self.resume() and self.is_main:
-                save_config(self.cfg, self.run_dir / "config.yaml")
+            # Only under the lock: the Checkpointer clears temporaries that only a dead writer can have left.
+            self.checkpointer = Checkpointer(self.accelerator, self.cfg, self.model, self.optimizer, self.monitor)
+            self._start()
+            self.logger = RunLogger(self.run_dir, enabled=self.is_main, history=self.progress.history)
             stop = self._loop()
             self.check_replicas()
         finally:
             self.stop.uninstall()
             self.logger.close()
+            if lock is not None:
+                lock.release()
         return TrainResult(
             run_dir=self.run_dir,
             exit_code=stop.reason.exit_code,
@@ -392,9 +467,10 @@ class Trainer:
         return Stop.finished(self.cfg.train.max_epochs)
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Builds everything from `cfg`, trains (resuming RUN/checkpoints/last.pt if present), always cleans up."""
-    trainer = Trainer(cfg)
+def train(cfg: RunConfig, allow_config_change: bool = False) -> TrainResult:
+    """Builds everything from `cfg`, trains (resuming RUN/checkpoints/last.pt if present), always cleans up.
+    `allow_config_change`: see Trainer (CLI: drseg train --allow-config-change)."""
+    trainer = Trainer(cfg, allow_config_change)
     try:
         result = trainer.fit()
     finally:

@@ -1,15 +1,19 @@
 """Per-rank reading pipeline on real shards: batch format, every epoch a seeded permutation padded to equal steps on
 every rank, the same batches for any worker count, cheap mid-epoch skip, eval samples exactly once across ranks ×
-workers, clear errors on damaged shards."""
+workers, clear errors on damaged shards and on shards that disagree with their manifest."""
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -17,8 +21,8 @@ import torch
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data import pipeline
 from hpc_drseg.data.ddr import find_samples, read_sample
+from hpc_drseg.data.manifest import iter_shard_samples, read_manifest, shard_groups
 from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader, decode_sample, steps_per_epoch
-from hpc_drseg.data.shards import iter_shard_samples, read_manifest, shard_groups
 
 
 def _train(shards_dir: Path, **overrides) -> list[Batch]:
@@ -346,3 +350,86 @@ print("samples", n)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["samples", "12"]
+
+
+# ------------------------------------------------------------------------------------- shards vs their manifest
+def _copy(shards_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(shards_dir, tmp_path / "shards"))
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rewrite_shard(path: Path, change) -> None:
+    """Writes shard `path` again with change(list of raw samples) → raw samples."""
+    samples = change(list(iter_shard_samples(path)))
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for raw in samples:
+            for ext, data in raw.items():
+                if ext != "__key__":
+                    member = tarfile.TarInfo(f"{raw['__key__']}.{ext}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+
+
+def _shrunk(raw: dict) -> dict:
+    """The sample with its image and mask at half their side."""
+    out = dict(raw)
+    for ext in ("image.png", "mask.png"):
+        array = cv2.imdecode(np.frombuffer(raw[ext], np.uint8), cv2.IMREAD_UNCHANGED)
+        small = cv2.resize(array, (array.shape[1] // 2, array.shape[0] // 2), interpolation=cv2.INTER_NEAREST)
+        out[ext] = cv2.imencode(".png", small)[1].tobytes()
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_refuses_a_shard_whose_ids_differ_from_the_manifest(shards_dir, tmp_path, num_workers):
+    copy = _copy(shards_dir, tmp_path)
+    real = read_manifest(copy)["splits"]["test"]["ids"][1]
+    _edit_manifest(copy, lambda m: m["splits"]["test"]["ids"].__setitem__(1, "renamed"))
+    with pytest.raises(ValueError) as error:
+        list(build_eval_loader(copy, "test", 2, 0, 1, num_workers))
+    message = str(error.value)
+    assert f"test-000000.tar holds sample '{real}' at position 1 where {copy / 'manifest.json'} lists 'renamed'" in (
+        message
+    )
+    assert "\n" not in message  # also when a loader worker raised it
+
+
+def test_eval_finds_a_sample_the_manifest_does_not_list(shards_dir, tmp_path):
+    copy = _copy(shards_dir, tmp_path)
+    extra = read_manifest(copy)["splits"]["test"]["ids"][1]
+
+    def forget(manifest: dict) -> None:  # the manifest lists only the first sample of test-000000.tar
+        info = manifest["splits"]["test"]
+        info["ids"].remove(extra)
+        info["shard_sizes"][0] -= 1
+        info["images"] -= 1
+
+    _edit_manifest(copy, forget)
+    with pytest.raises(ValueError, match=rf"holds sample '{extra}' at position 1 where .* lists only 1 samples"):
+        list(build_eval_loader(copy, "test", 4, 0, 1, 0))
+
+
+def test_eval_and_training_find_a_shard_with_fewer_samples(shards_dir, tmp_path):
+    copy = _copy(shards_dir, tmp_path)
+    for name in ("test-000001.tar", "train-000003.tar"):
+        _rewrite_shard(copy / name, lambda samples: samples[:1])
+    missing = read_manifest(copy)["splits"]["test"]["ids"][3]
+    with pytest.raises(ValueError, match=rf"test-000001\.tar ends after 1 samples .* \(first missing: '{missing}'\)"):
+        list(build_eval_loader(copy, "test", 2, 0, 1, 0))
+    with pytest.raises(ValueError, match=r"train-000003\.tar ends after 1 samples"):
+        _train(copy)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_images_at_another_size_than_the_manifest_are_refused(shards_dir, tmp_path, split):
+    copy = _copy(shards_dir, tmp_path)
+    for name in read_manifest(copy)["splits"][split]["shards"]:
+        _rewrite_shard(copy / name, lambda samples: [_shrunk(raw) for raw in samples])
+    pattern = rf"shard {copy}/{split}-00000\d\.tar: sample '[^']+' is 64×64 px but .* says image_px=128"
+    with pytest.raises(ValueError, match=pattern):
+        list(_train(copy) if split == "train" else build_eval_loader(copy, split, 2, 0, 1, 0))

@@ -1,15 +1,20 @@
 """Real training runs on CPU: one process, exact resume after max_steps and after SIGTERM, 2-process DDP on gloo
-(torchrun and accelerate launch), DeepSpeed ZeRO-2 through Accelerate."""
+(torchrun and accelerate launch), DeepSpeed ZeRO-2 through Accelerate; the run folder's safety: config changes on
+resume, the lock, inputs checked before step 0, checkpoints of a compiled model."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -149,3 +154,107 @@ def test_channels_last_and_gradient_accumulation_run(shards_dir, tmp_path):
     assert result.exit_code == 0 and result.progress.global_step == 2
     state = load_checkpoint(checkpoint_path(tmp_path / "run", "last"))
     assert any(key.startswith("aux") for key in state["model"]), "aux head weights belong in the checkpoint"
+
+
+# ------------------------------------------------------------------------------------------- run-folder safety
+def _bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@pytest.fixture
+def one_step_run(shards_dir, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    assert train(load_config(DEBUG_YAML, overrides(shards_dir, run_dir, "train.max_steps=1"))).exit_code == 0
+    return run_dir
+
+
+def test_resume_with_a_changed_config_stops_unless_allowed(shards_dir, one_step_run):
+    run_dir, last = one_step_run, checkpoint_path(one_step_run, "last")
+    before = _bytes(last), _bytes(run_dir / "config.yaml")
+    changed = load_config(DEBUG_YAML, overrides(shards_dir, run_dir, "train.max_steps=2", "optim.lr=1e-3"))
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.0001 → 0\.001; .*--allow-config-change"):
+        train(changed)
+    assert (_bytes(last), _bytes(run_dir / "config.yaml")) == before
+    assert not (run_dir / "config_changes.jsonl").exists()
+    result = train(changed, allow_config_change=True)
+    assert result.progress.global_step == 2
+    assert load_config(run_dir / "config.yaml").optim.lr == 1e-3
+    assert load_checkpoint(last)["config"]["optim"]["lr"] == 1e-3
+    [record] = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+    assert record["changes"] == {"optim.lr": {"old": 1e-4, "new": 1e-3}, "train.max_steps": {"old": 1, "new": 2}}
+    assert record["needed_allow_config_change"] == ["optim.lr"] and record["global_step"] == 1
+
+
+def test_resume_safe_change_is_recorded_without_the_flag(shards_dir, one_step_run):
+    cfg = load_config(DEBUG_YAML, overrides(shards_dir, one_step_run, "train.max_steps=2", "data.num_workers=1"))
+    assert train(cfg).progress.global_step == 2
+    saved = load_config(one_step_run / "config.yaml")
+    assert saved.train.max_steps == 2 and saved.data.num_workers == 1
+    [record] = [json.loads(line) for line in (one_step_run / "config_changes.jsonl").read_text().splitlines()]
+    assert set(record["changes"]) == {"train.max_steps", "data.num_workers"}
+    assert record["needed_allow_config_change"] == []
+
+
+def test_architecture_cannot_change_even_when_allowed(shards_dir, one_step_run):
+    last = checkpoint_path(one_step_run, "last")
+    before = _bytes(last)
+    cfg = load_config(DEBUG_YAML, overrides(shards_dir, one_step_run, "model.cbam.sites=[aspp]"))
+    with pytest.raises(ValueError, match=r"holds another architecture .*model\.cbam\.sites"):
+        train(cfg, allow_config_change=True)
+    assert _bytes(last) == before and not (one_step_run / "config_changes.jsonl").exists()
+
+
+def test_second_trainer_on_a_locked_run_folder_is_refused(shards_dir, one_step_run):
+    from hpc_drseg.train.lock import RunLock
+
+    lock = RunLock.acquire(one_step_run)
+    try:
+        files = {p: _bytes(p) for p in one_step_run.rglob("*") if p.is_file()}
+        cfg = load_config(DEBUG_YAML, overrides(shards_dir, one_step_run, "train.max_steps=2"))
+        with pytest.raises(FileExistsError, match=rf"being trained by PID {os.getpid()} on host"):
+            train(cfg)
+        assert {p: _bytes(p) for p in one_step_run.rglob("*") if p.is_file()} == files
+    finally:
+        lock.release()
+
+
+def _shards_without(shards_dir: Path, tmp_path: Path, split: str) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["splits"][split]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("split", ["valid", "train"])
+def test_missing_split_is_found_before_anything_is_written(shards_dir, tmp_path, split):
+    shards = _shards_without(shards_dir, tmp_path, split)
+    with pytest.raises(ValueError, match=rf"split '{split}' is not in the shards {shards}"):
+        train(load_config(DEBUG_YAML, overrides(shards, tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_validation_shard_is_found_before_step_0(shards_dir, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    (copy / "valid-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"valid-000001\.tar listed in .* is missing"):
+        train(load_config(DEBUG_YAML, overrides(copy, tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compiled_run_checkpoints_plain_keys_that_eval_and_predict_load(shards_dir, tmp_path):
+    from hpc_drseg.evaluate import evaluate_run
+    from hpc_drseg.predict import predict
+
+    run_dir = tmp_path / "run"
+    result = train(load_config(DEBUG_YAML, overrides(shards_dir, run_dir, "train.max_steps=1", "train.compile=true")))
+    assert result.exit_code == 0
+    weights = load_checkpoint(checkpoint_path(run_dir, "last"))["model"]
+    assert not [key for key in weights if "_orig_mod" in key]
+    assert evaluate_run(run_dir, split="valid", which="last")["images"] == 4
+    photo = tmp_path / "eye.png"
+    cv2.imwrite(str(photo), np.full((96, 112, 3), 90, np.uint8))
+    assert list(predict(checkpoint_path(run_dir, "last"), photo, tmp_path / "out")["images"]) == ["eye.png"]
