@@ -33,20 +33,9 @@ from hpc_drseg.atomic import (
 from hpc_drseg.config.choices import IMAGE_CODECS, MASK_RESIZE_RULES
 from hpc_drseg.constants import LESIONS, SPLITS
 from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, resolve_root
-from hpc_drseg.data.encoding import (  # noqa: F401  (readers' old import path)
-    ENCODING,
-    NATIVE_SPLITS,
-    EncodedSample,
-    decode_image,
-    decode_png,
-    encode_job,
-    unpack_masks,
-)
-from hpc_drseg.data.manifest import FORMAT, MANIFEST, iter_shard_samples, read_manifest, shard_groups, split_info  # noqa: F401
-from hpc_drseg.data.resize import (
-    MASK_RESIZE_DESCRIPTIONS,
-    resize_image,  # noqa: F401
-)
+from hpc_drseg.data.encoding import ENCODING, NATIVE_SPLITS, EncodedSample, encode_job
+from hpc_drseg.data.manifest import FORMAT, MANIFEST
+from hpc_drseg.data.resize import MASK_RESIZE_DESCRIPTIONS
 from hpc_drseg.errors import ExistsError, InputError
 from hpc_drseg.host import usable_cores
 
