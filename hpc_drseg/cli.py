@@ -500,6 +500,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DrsegError as exc:
         print(f"drseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None or os.environ.get("DRSEG_TRACEBACK"):
+            raise
+        # The file system refused (a read-only or deleted run folder, permissions): say where, in one line.
+        path = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+        print(
+            f"drseg {args.command}: error: {exc.strerror or exc}: {path} (DRSEG_TRACEBACK=1 shows where)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"drseg {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -24,13 +24,13 @@ from hpc_drseg.atomic import atomic_write_json
 from hpc_drseg.config import ModelConfig, RunConfig, load_config
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.manifest import read_manifest, split_info
-from hpc_drseg.data.pipeline import Batch, EvalLoader, build_eval_loader
+from hpc_drseg.data.pipeline import Batch
 from hpc_drseg.errors import MissingError
 from hpc_drseg.metrics import PR_CURVE_POINTS, histogram_pr_points
 from hpc_drseg.models import build_model
 from hpc_drseg.train import checkpoint as ckpt
 from hpc_drseg.train.runtime import build_accelerator, shut_down
-from hpc_drseg.train.validate import collect_metrics
+from hpc_drseg.train.validate import collect_metrics, eval_loader
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -90,7 +90,7 @@ def evaluate_run(
     model = model.to(accelerator.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = _Counted(_eval_loader(cfg, split, accelerator, with_native=protocol in ("standard", "both")))
+    loader = _Counted(eval_loader(cfg, split, accelerator, with_native=protocol in ("standard", "both")))
     paper, standard, _ = collect_metrics(accelerator, model, loader, cfg, native=protocol != "paper")
     result = {
         "run": str(run_dir),
@@ -110,19 +110,6 @@ def evaluate_run(
         atomic_write_json(run_dir / f"eval_{split}.json", result)
     shut_down(accelerator)
     return result
-
-
-def _eval_loader(cfg: RunConfig, split: str, accelerator: Accelerator, with_native: bool) -> EvalLoader:
-    """This rank's share of `split`, in the batches of the paper protocol."""
-    return build_eval_loader(
-        shards_dir=cfg.data.shards,
-        split=split,
-        batch_size=cfg.eval.batch_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        num_workers=cfg.data.num_workers,
-        with_native=with_native,
-    )
 
 
 class _Counted:

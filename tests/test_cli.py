@@ -66,3 +66,21 @@ def test_nested_commands_and_option_errors(capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", "gpu"])
     assert info.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_file_system_refusals_are_one_line_naming_the_path(monkeypatch, capsys):
+    from hpc_drseg import cli
+
+    def read_only(args):
+        raise PermissionError(13, "Permission denied", "/runs/x/checkpoints/last.pt")
+
+    def no_path(args):
+        raise OSError("socket closed")
+
+    monkeypatch.setattr(cli, "cmd_config_keys", read_only)
+    assert main(["config", "keys"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Permission denied: /runs/x/checkpoints/last.pt" in err
+    monkeypatch.setattr(cli, "cmd_config_keys", no_path)
+    with pytest.raises(OSError, match="socket closed"):
+        main(["config", "keys"])

@@ -26,7 +26,7 @@ from hpc_drseg.config import RunConfig, save_config
 from hpc_drseg.data.augment import build_augment
 from hpc_drseg.data.manifest import read_manifest, shard_groups, split_info
 from hpc_drseg.data.normalize import normalize
-from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader, steps_per_epoch
+from hpc_drseg.data.pipeline import Batch, build_train_loader, steps_per_epoch
 from hpc_drseg.errors import DrsegError, ExistsError, InputError
 from hpc_drseg.losses import build_loss
 from hpc_drseg.models import build_model, check_initialisation, split_output
@@ -43,7 +43,7 @@ from hpc_drseg.train.runtime import (
     shut_down,
 )
 from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag
-from hpc_drseg.train.validate import collect_metrics, flatten_results
+from hpc_drseg.train.validate import collect_metrics, eval_loader, flatten_results
 
 __all__ = ["EpochStats", "Progress", "Stop", "StopReason", "TrainResult", "Trainer", "train"]
 
@@ -327,15 +327,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
-        loader = build_eval_loader(
-            shards_dir=cfg.data.shards,
-            split=cfg.data.val_split,
-            batch_size=cfg.eval.batch_size,
-            rank=self.rank,
-            world_size=self.world,
-            num_workers=cfg.data.num_workers,
-            with_native=False,
-        )
+        loader = eval_loader(cfg, cfg.data.val_split, self.accelerator, with_native=False)
         model = self.accelerator.unwrap_model(self.model)
         paper, standard, loss = collect_metrics(
             self.accelerator, model, loader, cfg, native=False, loss_fn=self.loss_fn

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hpc_drseg.config import RunConfig
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.normalize import normalize
-from hpc_drseg.data.pipeline import Batch
+from hpc_drseg.data.pipeline import Batch, EvalLoader, build_eval_loader
 from hpc_drseg.losses import CombinedLoss
 from hpc_drseg.metrics import PaperMetrics, StandardMetrics
 from hpc_drseg.models.output import split_output
@@ -95,3 +95,16 @@ def flatten_results(paper: dict, standard: dict, loss: float) -> dict[str, float
         flat[f"AP_{lesion}"] = standard["AP"][lesion]
         flat[f"IoU_{lesion}"] = standard["IoU"][lesion]
     return flat
+
+
+def eval_loader(cfg: RunConfig, split: str, accelerator: Accelerator, with_native: bool) -> EvalLoader:
+    """This rank's share of `split`, in the batches of the paper protocol."""
+    return build_eval_loader(
+        shards_dir=cfg.data.shards,
+        split=split,
+        batch_size=cfg.eval.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=cfg.data.num_workers,
+        with_native=with_native,
+    )
