@@ -25,7 +25,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Optional
 
@@ -312,3 +312,21 @@ def refuse_non_folder(out: Path) -> None:
             f"--out {out} is a file, not a folder; --overwrite never replaces a file: remove it "
             "yourself or choose another --out"
         )
+
+
+def check_replaceable_output(out: Path, overwrite: bool, not_ours: Callable[[Path], Optional[str]], made: str) -> None:
+    """Refuses an existing `out` unless it is `made` (e.g. "a shard folder written by drseg shard"), which the command
+    may replace because nothing of the user's is in it, and --overwrite was given. `not_ours(out)` says why a folder
+    is not such an output (None: it is). Ownership is checked first, so the error says at once when --overwrite
+    would not help."""
+    if not os.path.lexists(out):
+        return
+    refuse_non_folder(out)
+    reason = not_ours(out)
+    if reason:
+        raise ExistsError(
+            f"--out {out} exists and is not {made} ({reason}); --overwrite replaces only those: remove it yourself "
+            "or choose another --out"
+        )
+    if not overwrite:
+        raise ExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")

@@ -6,6 +6,14 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import sys  # noqa: E402
+
+# Shared test helpers (tree_snapshot.py) live beside this file; with --import-mode=importlib only folders on sys.path
+# are importable.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
+
 from collections.abc import Callable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 

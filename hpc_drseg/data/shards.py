@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import re
 import shutil
 import tarfile
@@ -22,10 +21,10 @@ from tqdm import tqdm
 
 from hpc_drseg import __version__
 from hpc_drseg.atomic import (
+    check_replaceable_output,
     make_temporary_folder,
     output_path,
     raise_if_disk_full,
-    refuse_non_folder,
     refuse_overlap,
     remove_stale_temporaries,
     replace_folder,
@@ -36,7 +35,7 @@ from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, reso
 from hpc_drseg.data.encoding import ENCODING, NATIVE_SPLITS, EncodedSample, encode_job
 from hpc_drseg.data.manifest import FORMAT, MANIFEST
 from hpc_drseg.data.resize import MASK_RESIZE_DESCRIPTIONS
-from hpc_drseg.errors import ExistsError, InputError
+from hpc_drseg.errors import InputError
 from hpc_drseg.host import usable_cores
 
 log = logging.getLogger(__name__)
@@ -147,23 +146,6 @@ def _check_args(image_px: int, samples_per_shard: int, image_codec: str, mask_re
 _SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-[0-9]{{6}}\.tar")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuses an existing `out` unless it is a shard folder written by this command (so nothing of the user's can be
-    lost by replacing it) and --overwrite was given. The first check comes first so that the error says at once
-    when --overwrite would not help."""
-    if not os.path.lexists(out):
-        return
-    refuse_non_folder(out)
-    reason = _not_shards_reason(out)
-    if reason:
-        raise ExistsError(
-            f"--out {out} exists and is not a shard folder written by drseg shard ({reason}); --overwrite replaces "
-            "only those: remove it yourself or choose another --out"
-        )
-    if not overwrite:
-        raise ExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-
-
 def _not_shards_reason(folder: Path) -> Optional[str]:
     """Why `folder` is not a previous output of write_shards (None if it is one, or empty): its manifest.json must
     say tool hpc_drseg, and every entry must be that manifest or a `{split}-NNNNNN.tar` regular file."""
@@ -209,7 +191,7 @@ def write_shards(
     _check_args(image_px, samples_per_shard, image_codec, mask_resize)
     refuse_overlap(out, ddr_root, "--ddr-root")  # named as the user gave them; compared with symlinks resolved
     out = output_path(out)
-    _check_out(out, overwrite)
+    check_replaceable_output(out, overwrite, _not_shards_reason, "a shard folder written by drseg shard")
     base = resolve_root(ddr_root)
     samples = _collect(base, allow_missing_masks)
     if "train" not in samples:

@@ -24,17 +24,17 @@ from tqdm import tqdm
 
 from hpc_drseg import __version__
 from hpc_drseg.atomic import (
+    check_replaceable_output,
     make_temporary_folder,
     output_path,
     raise_if_disk_full,
-    refuse_non_folder,
     remove_stale_temporaries,
     replace_folder,
 )
 from hpc_drseg.constants import LESIONS, SPLITS
 from hpc_drseg.data.ddr import SUBSET_DIR
 from hpc_drseg.data.fundus import MIN_SIDE_PX, image_shape, render_fundus
-from hpc_drseg.errors import ExistsError, InputError
+from hpc_drseg.errors import InputError
 from hpc_drseg.host import usable_cores
 
 DDR_COUNTS: dict[str, int] = {"train": 383, "valid": 149, "test": 225}
@@ -155,23 +155,6 @@ def _check_args(counts: Mapping[str, int] | None, size_px: int, seed: int, worke
     return {split: n for split, n in counts.items() if n > 0}
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuses an existing `out` unless it is a tree this function wrote (so nothing of the user's can be lost by
-    replacing it) and --overwrite was given. The first check comes first so that the error says at once when
-    --overwrite would not help."""
-    if not os.path.lexists(out):
-        return
-    refuse_non_folder(out)
-    reason = _not_synth_reason(out)
-    if reason:
-        raise ExistsError(
-            f"--out {out} exists and is not a tree written by drseg synth ({reason}); --overwrite replaces only "
-            "those: remove it yourself or choose another --out"
-        )
-    if not overwrite:
-        raise ExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
-
-
 def _not_synth_reason(folder: Path) -> str | None:
     """Why `folder` is not a previous output of write_synthetic_ddr (None if it is one, or empty): it must hold
     MARKER and otherwise only the DDR layout's folders, .jpg images and .tif/.png masks, no symlinks."""
@@ -218,7 +201,7 @@ def write_synthetic_ddr(
     """
     counts = _check_args(counts, size_px, seed, workers)
     target = output_path(out)
-    _check_out(target, overwrite)
+    check_replaceable_output(target, overwrite, _not_synth_reason, "a tree written by drseg synth")
     remove_stale_temporaries(target)
     tmp = None
     try:

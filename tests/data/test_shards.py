@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import pytest
 import webdataset as wds
+from tree_snapshot import snapshot as _snapshot
 
 from hpc_drseg import __version__, atomic
 from hpc_drseg.atomic import NoSpaceError
@@ -386,7 +387,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path: Path,
     root = make_ddr(tmp_path / "ddr", counts={"train": 2}, size_px=64)
     out = tmp_path / "shards"
     write_shards(root, out, image_px=32, workers=1, progress=False, samples_per_shard=1)
-    with pytest.raises(FileExistsError, match=r"already exists; pass overwrite=True \(CLI: --overwrite\)"):
+    with pytest.raises(FileExistsError, match=r"already exists; pass --overwrite \(overwrite=True\)"):
         write_shards(root, out, image_px=64, workers=1, progress=False)
     assert read_manifest(out)["image_px"] == 32
     manifest = write_shards(root, out, image_px=64, overwrite=True, workers=1, progress=False)
@@ -467,21 +468,6 @@ def add_then_die(self, sample):
 shards._SplitWriter.add = add_then_die
 shards.write_shards(sys.argv[1], sys.argv[2], image_px=32, workers=1, progress=False)
 """
-
-
-def _snapshot(path: Path) -> dict[str, bytes]:
-    """Relative name → content (link target for a symlink, b"<dir>" for a folder) of `path` and all below it."""
-    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
-    snapshot = {}
-    for entry in entries:
-        name = str(entry.relative_to(path))
-        if entry.is_symlink():
-            snapshot[name] = b"link:" + os.readlink(entry).encode()
-        elif entry.is_dir():
-            snapshot[name] = b"<dir>"
-        elif entry.exists():
-            snapshot[name] = entry.read_bytes()
-    return snapshot
 
 
 def _age(path: Path, seconds: float = 600.0) -> Path:

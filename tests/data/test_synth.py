@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from tree_snapshot import snapshot as _snapshot
 
 from hpc_drseg import __version__
 from hpc_drseg.atomic import NoSpaceError
@@ -200,21 +201,6 @@ def test_lesions_lie_inside_the_field_of_view() -> None:
 # ------------------------------------------------------------------------------------------- atomicity, errors
 def _small(out: Path, counts: dict | None = None, **kwargs) -> Path:
     return write_synthetic_ddr(out, counts or {"train": 1}, 96, **{"progress": False, "workers": 1, **kwargs})
-
-
-def _snapshot(path: Path) -> dict[str, bytes]:
-    """Relative name → content (link target for a symlink, b"<dir>" for a folder) of `path` and all below it."""
-    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
-    snapshot = {}
-    for entry in entries:
-        name = str(entry.relative_to(path))
-        if entry.is_symlink():
-            snapshot[name] = b"link:" + os.readlink(entry).encode()
-        elif entry.is_dir():
-            snapshot[name] = b"<dir>"
-        elif entry.exists():
-            snapshot[name] = entry.read_bytes()
-    return snapshot
 
 
 def test_every_tree_carries_the_marker(tree: Path) -> None:
