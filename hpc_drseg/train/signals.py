@@ -6,13 +6,16 @@ rank stops after the same step (a rank that stopped alone would hang the others 
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 from types import FrameType
 from typing import Optional
 
 from hpc_drseg.constants import EXIT_RESUMABLE
 
-__all__ = ["EXIT_RESUMABLE", "STOP_SIGNALS", "StopFlag"]
+__all__ = ["EXIT_RESUMABLE", "STOP_SIGNALS", "StopFlag", "die_with_launcher"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -35,7 +38,13 @@ class StopFlag:
     def _handle(self, signum: int, _frame: Optional[FrameType]) -> None:
         self.request(signal.Signals(signum).name)
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> StopFlag:
+        if self.installed:
+            return self
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -44,3 +53,14 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+def die_with_launcher() -> None:
+    """A rank started by torchrun / accelerate launch (LOCAL_RANK set) gets SIGTERM when its launcher dies.
+
+    Killed with SIGKILL (or by the OOM killer) the launcher cannot stop its ranks; unsupervised they would run on
+    and a later run in the same folder would deadlock with them. With the signal they checkpoint and exit 75 like
+    after any SIGTERM. A lone `drseg train` keeps running when its shell goes (nohup, a closed terminal).
+    """
+    if sys.platform.startswith("linux") and "LOCAL_RANK" in os.environ:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

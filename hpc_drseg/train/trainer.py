@@ -42,7 +42,7 @@ from hpc_drseg.train.runtime import (
     set_debug_mode,
     shut_down,
 )
-from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag
+from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag, die_with_launcher
 from hpc_drseg.train.validate import collect_metrics, eval_loader, flatten_results
 
 __all__ = ["EpochStats", "Progress", "Stop", "StopReason", "TrainResult", "Trainer", "train"]
@@ -117,11 +117,13 @@ class TrainResult:
 class Trainer:
     """Builds the model, optimiser and monitor from `cfg` and writes nothing: `fit()` takes the run folder (its lock,
     then resume or a fresh config.yaml) and trains. `allow_config_change`: resume last.pt even with a config that
-    changes what the run computes (see train/checkpoint.py)."""
+    changes what the run computes (see train/checkpoint.py). `stop`: the flag train() installed before building
+    anything (fit() installs it if nobody did)."""
 
-    def __init__(self, cfg: RunConfig, allow_config_change: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, stop: Optional[StopFlag] = None) -> None:
         check_initialisation(cfg.model)  # before anything slow: a missing weights file is found in a second
         self.cfg, self.allow_config_change = cfg, allow_config_change
+        self.stop = stop if stop is not None else StopFlag()
         self.run_dir = cfg.run_dir
         self.accelerator = build_accelerator(cfg.train)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
@@ -130,7 +132,6 @@ class Trainer:
         self._check_image_size()
         self._check_split(cfg.data.train_split, "data.train_split")
         self.progress = Progress()
-        self.stop = StopFlag()
         self._build_objects()
         self.checkpointer: Optional[Checkpointer] = None  # made by fit() once the run folder is locked
         self.logger = RunLogger(self.run_dir, enabled=False, history=self.progress.history)  # fit() opens the real one
@@ -420,20 +421,14 @@ class Trainer:
     def fit(self) -> TrainResult:
         # Validation runs only after an epoch of compute: its split is checked now (the training split was in __init__).
         self._check_split(self.cfg.data.val_split, "data.val_split")
-        lock = self._lock_run_folder()
+        installed_here = not self.stop.installed
         self.stop.install()
         try:
-            # Only under the lock: the Checkpointer clears temporaries that only a dead writer can have left.
-            self.checkpointer = Checkpointer(self.accelerator, self.cfg, self.model, self.optimizer, self.monitor)
-            self._start()
-            self.logger = RunLogger(self.run_dir, enabled=self.is_main, history=self.progress.history)
-            stop = self._loop()
-            self.check_replicas()
+            # A signal that came while the model and process group were built: leave before writing anything.
+            stop = Stop.signal(self.stop.signal_name) if self._stop_requested() else self._fit_locked()
         finally:
-            self.stop.uninstall()
-            self.logger.close()
-            if lock is not None:
-                lock.release()
+            if installed_here:
+                self.stop.uninstall()
         return TrainResult(
             run_dir=self.run_dir,
             exit_code=stop.reason.exit_code,
@@ -441,6 +436,22 @@ class Trainer:
             progress=self.progress,
             stop=stop.reason,
         )
+
+    def _fit_locked(self) -> Stop:
+        lock = self._lock_run_folder()
+        try:
+            # Only under the lock: the Checkpointer clears temporaries that only a dead writer can have left.
+            self.checkpointer = Checkpointer(self.accelerator, self.cfg, self.model, self.optimizer, self.monitor)
+            self._start()
+            self.logger = RunLogger(self.run_dir, enabled=self.is_main, history=self.progress.history)
+            # A signal during the resume: last.pt is as consistent as it was, so stop before step 0.
+            stop = Stop.signal(self.stop.signal_name) if self._stop_requested() else self._loop()
+            self.check_replicas()
+        finally:
+            self.logger.close()
+            if lock is not None:
+                lock.release()
+        return stop
 
     def _loop(self) -> Stop:
         while self.progress.epoch < self.cfg.train.max_epochs:
@@ -462,11 +473,18 @@ class Trainer:
 def train(cfg: RunConfig, allow_config_change: bool = False) -> TrainResult:
     """Builds everything from `cfg`, trains (resuming RUN/checkpoints/last.pt if present), always cleans up.
     `allow_config_change`: see Trainer (CLI: drseg train --allow-config-change)."""
-    trainer = Trainer(cfg, allow_config_change)
+    die_with_launcher()
+    # First of all: a SIGTERM while the model and process group are built (seconds to minutes) would otherwise kill
+    # the process with -15, which a scheduler or sweep reads as a failure rather than "run me again" (exit 75).
+    stop = StopFlag().install()
     try:
-        result = trainer.fit()
+        trainer = Trainer(cfg, allow_config_change, stop=stop)
+        try:
+            result = trainer.fit()
+        finally:
+            shut_down(trainer.accelerator)
     finally:
-        shut_down(trainer.accelerator)
+        stop.uninstall()
     if trainer.is_main:
         log.info("%s: %s", result.run_dir, result.reason)
     return result
