@@ -196,7 +196,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _setup_logging()
-    result = train(cfg, allow_config_change=args.allow_config_change)
+    result = train(
+        cfg, allow_config_change=args.allow_config_change, allow_world_size_change=args.allow_world_size_change
+    )
     print(f"{result.run_dir}: {result.reason} (epoch {result.progress.epoch}, step {result.progress.global_step})")
     return result.exit_code
 
@@ -209,6 +211,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="resume even though the config changes what the run computes (e.g. optim.lr); the change is recorded "
         "in RUN/config_changes.jsonl and config.yaml is rewritten",
+    )
+    p.add_argument(
+        "--allow-world-size-change",
+        action="store_true",
+        help="resume with another number of ranks than the checkpoint was written by: goes on from the next epoch "
+        "boundary and is no longer bit-exact",
     )
 
 

@@ -1,10 +1,11 @@
 """Checkpoints: atomic writes, RNG capture, and files that load with `torch.load(weights_only=True)`.
 
 Layout: RUN/checkpoints/last.pt (periodic and final) and best.pt (best validation monitor). The weights sit under
-"model"; everything else (optimiser, monitor, epoch/step, RNG, resolved config) is plain tensors and numbers. Ranks
-> 0 keep their RNG state in rng-rank{N}.pt beside last.pt; under DeepSpeed the partitioned optimiser state lives in
-checkpoints/deepspeed/ (written by every rank) instead of under "optimizer". The weights' keys never depend on how
-the model was wrapped (torch.compile, DDP, DeepSpeed), so eval and predict load them into a plain model.
+"model"; everything else (optimiser, monitor, epoch/step, every rank's RNG, world size, resolved config) is plain
+tensors and numbers (earlier versions kept ranks > 0's RNG in rng-rank{N}.pt beside last.pt; such checkpoints still
+resume). Under DeepSpeed the partitioned optimiser state lives in checkpoints/deepspeed/ (written by every rank)
+instead of under "optimizer". The weights' keys never depend on how the model was wrapped (torch.compile, DDP,
+DeepSpeed), so eval and predict load them into a plain model.
 
 Every load of a run checkpoint checks, in this order, with one line naming the file: that it is one
 (`load_run_checkpoint`), that it holds the architecture being built (`check_architecture`), and that its weights fit
@@ -21,7 +22,7 @@ import logging
 import os
 import random
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
@@ -346,16 +347,27 @@ class Checkpointer:
         return state
 
     def save_last(self, progress: Progress) -> None:
-        """RUN/checkpoints/last.pt and the per-rank files; every rank must call it (it synchronises them)."""
+        """RUN/checkpoints/last.pt (and DeepSpeed's partitions); every rank must call it (it synchronises them)."""
         state = self.state(progress)
+        # Every rank's RNG goes into last.pt itself: in a file of its own, a kill between the two writes would
+        # resume a rank with the RNG of another step.
+        rngs = self._all_ranks(state["rng"])
         if self.deepspeed:  # optimiser state is partitioned across ranks: every rank writes its part
             self.accelerator.save_state(str(deepspeed_dir(self.run_dir)))
-        if self.rank > 0:
-            atomic_torch_save(state["rng"], rng_path(self.run_dir, self.rank))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            atomic_torch_save(state, checkpoint_path(self.run_dir, "last"))
+            atomic_torch_save({**state, "rng_ranks": rngs}, checkpoint_path(self.run_dir, "last"))
+            for old in rng_path(self.run_dir, 0).parent.glob("rng-rank*.pt"):  # the earlier layout, now stale
+                old.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
+
+    def _all_ranks(self, value: Any) -> list[Any]:
+        """[rank 0's value, rank 1's, …] on every rank (a collective)."""
+        if self.world == 1:
+            return [value]
+        values: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(values, value)
+        return values
 
     def save_best(self, progress: Progress) -> None:
         """RUN/checkpoints/best.pt from rank 0: last.pt's content without the optimiser (it only ever gets scored)."""
@@ -364,30 +376,104 @@ class Checkpointer:
             state.pop("optimizer", None)
             atomic_torch_save(state, checkpoint_path(self.run_dir, "best"))
 
-    def resume(self, allow_config_change: bool = False) -> Optional[Resumed]:
+    def resume(self, allow_config_change: bool = False, allow_world_size_change: bool = False) -> Optional[Resumed]:
         """Restores weights, optimiser, monitor and this rank's RNG from last.pt; None without one.
 
-        Before restoring anything: the checkpoint's config against this run's (`check_config_changes`), then its
-        architecture and weights against the model built here. Every rank checks alike, so all stop together.
+        Before restoring anything: that every rank read the same last.pt (`_check_same_checkpoint`), the checkpoint's
+        config against this run's (`check_config_changes`), its architecture and weights against the model built
+        here, and its world size (`_check_world_size`). Every rank checks alike, so all stop together.
         """
         path = checkpoint_path(self.run_dir, "last")
-        if not path.is_file():
+        state = load_run_checkpoint(path) if path.is_file() else None
+        self._check_same_checkpoint(state, path)
+        if state is None:
             return None
-        state = load_run_checkpoint(path)
         saved = checkpoint_config(state, path)
         changes = config_changes(saved, self.cfg)
         check_config_changes(changes, path, allow_config_change)
         check_architecture(saved.model, self.cfg.model, path, "the config")
+        world_changed = self._check_world_size(state, path, allow_world_size_change)
         load_model_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), state["model"], path)
         if self.deepspeed:
             self.accelerator.load_state(str(deepspeed_dir(self.run_dir)))
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.monitor.load_state_dict(state["monitor"])
-        # Last, so nothing above (Accelerate's load_state restores RNGs of its own) overrides the saved streams.
-        rng = state["rng"] if self.rank == 0 else load_checkpoint(rng_path(self.run_dir, self.rank))
-        restore_rng(rng)
         progress = Progress(**state["progress"])
+        if world_changed:
+            progress = next_epoch_boundary(progress)
+        else:
+            # Last, so nothing above (Accelerate's load_state restores RNGs of its own) overrides the saved streams.
+            restore_rng(self._rank_rng(state, path))
         if self.accelerator.is_main_process:
             log.info("resumed %s at epoch %d, step %d", path, progress.epoch, progress.global_step)
         return Resumed(progress, changes, path)
+
+    def _check_same_checkpoint(self, state: Optional[dict[str, Any]], path: Path) -> None:
+        """Each rank reads last.pt through its own node's view of the file system; a stale view would resume ranks
+        at different steps, and they would then deadlock or silently train out of step. Rank 0's is the run's."""
+        mine = None if state is None else tuple(int(state["progress"][key]) for key in _POSITION)
+        views = self._all_ranks(mine)
+        differing = [rank for rank, view in enumerate(views) if view != views[0]]
+        if differing:
+            listed = "; ".join(f"rank {rank}: {_position(views[rank])}" for rank in [0, *differing])
+            raise InputError(
+                f"the ranks read different {path} ({listed}); a node sees a stale copy of the run folder: make "
+                f"{path.parent} the same on every node (a shared file system, synced) and run again"
+            )
+
+    def _check_world_size(self, state: dict[str, Any], path: Path, allow: bool) -> bool:
+        """True when the run goes on with another number of ranks (allowed); InputError when not allowed."""
+        saved = int(state.get("world_size", self.world))
+        if saved == self.world:
+            return False
+        if self.deepspeed:  # ZeRO's partitions of the optimiser state are per rank
+            raise InputError(
+                f"{path} was written by {saved} ranks but this run has {self.world}; resume with {saved} ranks "
+                "(DeepSpeed's partitioned optimiser state cannot be split over another number of ranks)"
+            )
+        if not allow:
+            raise InputError(
+                f"{path} was written by {saved} ranks but this run has {self.world}; resume with {saved} ranks for "
+                f"an exact resume (data and RNG streams are per rank), or pass --allow-world-size-change to go on "
+                f"with {self.world} from the next epoch boundary (no longer bit-exact)"
+            )
+        log.warning(
+            "resuming %s, written by %d ranks, with %d (--allow-world-size-change): going on from the next epoch "
+            "boundary with fresh per-rank RNG streams; the run is no longer bit-exact",
+            path,
+            saved,
+            self.world,
+        )
+        return True
+
+    def _rank_rng(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
+        """This rank's RNG state: inside last.pt, or in rng-rank<N>.pt beside a last.pt of the earlier layout."""
+        if "rng_ranks" in state:
+            return state["rng_ranks"][self.rank]
+        if self.rank == 0:
+            return state["rng"]
+        return load_checkpoint(rng_path(self.run_dir, self.rank))
+
+
+_POSITION = ("epoch", "step_in_epoch", "global_step")
+
+
+def _position(view: Optional[tuple[int, ...]]) -> str:
+    if view is None:
+        return "no checkpoint"
+    epoch, step_in_epoch, global_step = view
+    return f"step {global_step} (epoch {epoch}, step {step_in_epoch} in it)"
+
+
+def next_epoch_boundary(progress: Progress) -> Progress:
+    """Where a run resumed with another world size goes on: an epoch's batches are split by rank, so a part-done
+    epoch cannot be finished with another number of ranks; its rest is skipped (it gets no history row)."""
+    if progress.step_in_epoch == 0:
+        return progress
+    log.warning(
+        "epoch %d was interrupted after %d steps; it is not finished with the new world size (no validation row)",
+        progress.epoch,
+        progress.step_in_epoch,
+    )
+    return replace(progress, epoch=progress.epoch + 1, step_in_epoch=0)

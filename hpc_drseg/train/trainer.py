@@ -118,11 +118,19 @@ class Trainer:
     """Builds the model, optimiser and monitor from `cfg` and writes nothing: `fit()` takes the run folder (its lock,
     then resume or a fresh config.yaml) and trains. `allow_config_change`: resume last.pt even with a config that
     changes what the run computes (see train/checkpoint.py). `stop`: the flag train() installed before building
-    anything (fit() installs it if nobody did)."""
+    anything (fit() installs it if nobody did). `allow_world_size_change`: resume last.pt with another number of
+    ranks, from the next epoch boundary and no longer bit-exact."""
 
-    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, stop: Optional[StopFlag] = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        allow_config_change: bool = False,
+        stop: Optional[StopFlag] = None,
+        allow_world_size_change: bool = False,
+    ) -> None:
         check_initialisation(cfg.model)  # before anything slow: a missing weights file is found in a second
         self.cfg, self.allow_config_change = cfg, allow_config_change
+        self.allow_world_size_change = allow_world_size_change
         self.stop = stop if stop is not None else StopFlag()
         self.run_dir = cfg.run_dir
         self.accelerator = build_accelerator(cfg.train)
@@ -404,7 +412,7 @@ class Trainer:
 
     def _start(self) -> None:
         """Resumes RUN/checkpoints/last.pt if there is one (recording any config change), else writes config.yaml."""
-        resumed = self.checkpointer.resume(self.allow_config_change)
+        resumed = self.checkpointer.resume(self.allow_config_change, self.allow_world_size_change)
         if resumed is None:
             if self.is_main:
                 save_config(self.cfg, self.run_dir / "config.yaml")
@@ -470,15 +478,16 @@ class Trainer:
         return Stop.finished(self.cfg.train.max_epochs)
 
 
-def train(cfg: RunConfig, allow_config_change: bool = False) -> TrainResult:
+def train(cfg: RunConfig, allow_config_change: bool = False, allow_world_size_change: bool = False) -> TrainResult:
     """Builds everything from `cfg`, trains (resuming RUN/checkpoints/last.pt if present), always cleans up.
-    `allow_config_change`: see Trainer (CLI: drseg train --allow-config-change)."""
+    `allow_config_change`, `allow_world_size_change`: see Trainer (CLI: drseg train --allow-config-change,
+    --allow-world-size-change)."""
     die_with_launcher()
     # First of all: a SIGTERM while the model and process group are built (seconds to minutes) would otherwise kill
     # the process with -15, which a scheduler or sweep reads as a failure rather than "run me again" (exit 75).
     stop = StopFlag().install()
     try:
-        trainer = Trainer(cfg, allow_config_change, stop=stop)
+        trainer = Trainer(cfg, allow_config_change, stop=stop, allow_world_size_change=allow_world_size_change)
         try:
             result = trainer.fit()
         finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
+from hpc_drseg.config import load_config
+from hpc_drseg.errors import InputError
 from hpc_drseg.train.checkpoint import checkpoint_path, load_checkpoint
 from hpc_drseg.train.lock import RunLock
 from hpc_drseg.train.signals import EXIT_RESUMABLE
+from hpc_drseg.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
@@ -108,3 +114,99 @@ def test_ranks_stop_with_a_checkpoint_when_their_launcher_is_killed(shards_dir, 
     state = load_checkpoint(checkpoint_path(run_dir, "last"))
     assert state["progress"]["global_step"] >= 1
     RunLock.acquire(run_dir).release()  # the ranks let go of the run folder: a later run can take it
+
+
+# ------------------------------------------------------------------------------------- what a 2-rank last.pt holds
+@pytest.fixture(scope="module")
+def two_rank_run(shards_dir, tmp_path_factory) -> Path:
+    """One step of a 2-rank DDP run (torchrun, gloo): last.pt at epoch 0, step 1, written by 2 ranks."""
+    run_dir = tmp_path_factory.mktemp("two_ranks") / "run"
+    done = _run([*_torchrun(29542), "-m", "hpc_drseg"], shards_dir, run_dir, "train.max_steps=1")
+    assert done.returncode == 0, done.stdout[-4000:]
+    return run_dir
+
+
+def _run(launcher: list[str], shards_dir: Path, run_dir: Path, *extra: str, env=None) -> subprocess.CompletedProcess:
+    """`launcher … train` in a session of its own, all of whose processes are killed should it hang."""
+    cmd = [*launcher, "train", "--config", str(DEBUG_YAML), *overrides(shards_dir, run_dir, *extra)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env or _env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session this test started: its launcher and ranks
+        output, _ = proc.communicate()
+        raise AssertionError(f"no exit within {DEADLINE_S} s (hung); output:\n{output[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
+def test_last_pt_holds_every_ranks_rng(two_rank_run):
+    state = load_checkpoint(checkpoint_path(two_rank_run, "last"))
+    assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # seeded per rank
+    assert torch.equal(state["rng_ranks"][0]["torch"], state["rng"]["torch"])
+    assert not list(two_rank_run.glob("checkpoints/rng-rank*.pt")), "no RNG file outside last.pt's commit"
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_another_world_size_is_refused_unless_allowed(shards_dir, two_rank_run, tmp_path, caplog):
+    run_dir = _copy(two_rank_run, tmp_path)
+    last = checkpoint_path(run_dir, "last")
+    before = last.read_bytes()
+    cfg = load_config(DEBUG_YAML, overrides(shards_dir, run_dir, "train.max_steps=4"))
+    with pytest.raises(InputError, match=r"written by 2 ranks but this run has 1; .*--allow-world-size-change"):
+        train(cfg)
+    assert last.read_bytes() == before
+    result = train(cfg, allow_world_size_change=True)
+    # Epoch 0 was one step in: the new world size starts at epoch 1 and finishes it (3 steps, then validation).
+    assert result.exit_code == 0 and result.progress.global_step == 4 and result.progress.epoch == 2
+    assert [row["epoch"] for row in result.progress.history] == [1]
+    assert "no longer bit-exact" in caplog.text
+    assert load_checkpoint(last)["world_size"] == 1
+
+
+# Rank 1 reads last.pt through a stale view of the run folder (another node's out-of-date copy).
+STALE_VIEW = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import hpc_drseg.train.checkpoint as checkpoint
+    from hpc_drseg.cli import main
+
+    real = checkpoint.checkpoint_path
+
+    def checkpoint_path(run_dir, which="last"):
+        stale = os.environ["RANK"] == "1" and which == "last"
+        return Path(os.environ["STALE_LAST_PT"]) if stale else real(run_dir, which)
+
+    checkpoint.checkpoint_path = checkpoint_path
+    raise SystemExit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_ranks_that_read_different_checkpoints_stop_together(shards_dir, two_rank_run, tmp_path):
+    run_dir = _copy(two_rank_run, tmp_path)
+    state = load_checkpoint(checkpoint_path(run_dir, "last"))
+    state["progress"].update(global_step=0, step_in_epoch=0)
+    stale = tmp_path / "stale-last.pt"
+    torch.save(state, stale)
+    launcher = [*_torchrun(29543), "--no_python", sys.executable, "-c", STALE_VIEW]
+    done = _run(launcher, shards_dir, run_dir, "train.max_steps=3", env={**_env(), "STALE_LAST_PT": str(stale)})
+    assert done.returncode != 0
+    expected = r"the ranks read different \S+last\.pt \(rank 0: step 1 \(epoch 0, step 1 in it\); rank 1: step 0 "
+    assert re.search(expected, done.stdout), done.stdout[-4000:]
+    assert load_checkpoint(checkpoint_path(run_dir, "last"))["progress"]["global_step"] == 1  # nothing trained
