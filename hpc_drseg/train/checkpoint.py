@@ -279,12 +279,17 @@ def _as_tuple(value: Any) -> Any:
 
 @dataclass
 class Progress:
-    """Where the run stands: epoch, step within it, steps overall, one history row per finished epoch."""
+    """Where the run stands: epoch, step within it, steps overall, one history row per finished epoch, and the
+    current epoch's loss sums so far (so a resumed epoch's train/* row covers all its steps, not just the last)."""
 
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    train_sums: dict[str, float] = field(default_factory=dict)
+    """{loss term: sum over this epoch's steps so far}, averaged across ranks when checkpointed."""
+    train_steps: int = 0
+    """Steps those sums cover."""
 
 
 class Resumed(NamedTuple):
@@ -476,4 +481,4 @@ def next_epoch_boundary(progress: Progress) -> Progress:
         progress.epoch,
         progress.step_in_epoch,
     )
-    return replace(progress, epoch=progress.epoch + 1, step_in_epoch=0)
+    return replace(progress, epoch=progress.epoch + 1, step_in_epoch=0, train_sums={}, train_steps=0)

@@ -140,6 +140,8 @@ class Trainer:
         self._check_image_size()
         self._check_split(cfg.data.train_split, "data.train_split")
         self.progress = Progress()
+        self._sums: dict[str, torch.Tensor] = {}  # this epoch's loss sums on this rank (run_epoch)
+        self._steps_done = 0
         self._build_objects()
         self.checkpointer: Optional[Checkpointer] = None  # made by fit() once the run folder is locked
         self.logger = RunLogger(self.run_dir, enabled=False, history=self.progress.history)  # fit() opens the real one
@@ -287,8 +289,11 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> EpochStats:
         """Trains the rest of one epoch (from progress.step_in_epoch); stops early on a signal or train.max_steps."""
-        sums: dict[str, torch.Tensor] = {}
-        started, images, steps, stop = time.perf_counter(), 0, 0, None
+        device = self.accelerator.device
+        # A resumed epoch goes on from the sums its checkpoint holds, so its train/* row covers every step.
+        self._sums = {k: torch.tensor(v, device=device) for k, v in self.progress.train_sums.items()}
+        self._steps_done = self.progress.train_steps
+        started, images, stop = time.perf_counter(), 0, None
         waited_from = time.perf_counter()
         with self._batches_and_bar(epoch) as (batches, bar):
             for batch in batches:
@@ -298,8 +303,8 @@ class Trainer:
                     data_s, compute_s = step_from - waited_from, time.perf_counter() - step_from
                     log.info("debug: step %d data %.3fs compute %.3fs", self.progress.global_step, data_s, compute_s)
                 for name, value in terms.items():
-                    sums[name] = sums.get(name, 0) + value
-                images, steps = images + len(batch.ids) * self.world, steps + 1
+                    self._sums[name] = self._sums.get(name, 0) + value
+                images, self._steps_done = images + len(batch.ids) * self.world, self._steps_done + 1
                 self.progress.step_in_epoch += 1
                 self.progress.global_step += 1
                 self._after_step(terms, bar, images / max(time.perf_counter() - started, 1e-9))
@@ -307,9 +312,16 @@ class Trainer:
                 if stop is not None:
                     break
                 waited_from = time.perf_counter()
-        train_logs = {f"train/{k}": self._mean_across_ranks(v, steps) for k, v in sums.items()}
+        train_logs = {f"train/{k}": self._mean_across_ranks(v, self._steps_done) for k, v in self._sums.items()}
         speed = images / max(time.perf_counter() - started, 1e-9)
         return EpochStats(train=train_logs, img_per_s=speed, started=started, stop=stop)
+
+    def _save_last(self) -> None:
+        """last.pt with this epoch's loss sums so far (their mean across ranks: the epoch's train/* is a mean across
+        ranks too, so resuming every rank from it gives the same row)."""
+        self.progress.train_sums = {k: self._mean_across_ranks(v, 1) for k, v in self._sums.items()}
+        self.progress.train_steps = self._steps_done
+        self.checkpointer.save_last(self.progress)
 
     def _after_step(self, terms: dict[str, torch.Tensor], bar: Any, img_per_s: float) -> None:
         every = self.cfg.train.log_every_steps
@@ -319,7 +331,7 @@ class Trainer:
             bar.update(1)
         period = self.cfg.train.checkpoint_every_steps
         if period and self.progress.global_step % period == 0:
-            self.checkpointer.save_last(self.progress)
+            self._save_last()
 
     def _early_stop(self) -> Optional[Stop]:
         if self._stop_requested():
@@ -361,6 +373,8 @@ class Trainer:
         row.update({"epoch_time_s": time.perf_counter() - stats.started, "img_per_s": stats.img_per_s})
         self.progress.history.append(row)
         self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
+        self.progress.train_sums, self.progress.train_steps = {}, 0  # the row holds them now
+        self._sums, self._steps_done = {}, 0
         self.logger.epoch_row(row)
         self.checkpointer.save_last(self.progress)
         if self.monitor.improved:
@@ -472,7 +486,7 @@ class Trainer:
             if stop is None or (stop.reason is not StopReason.SIGNAL and self.progress.step_in_epoch == self.steps):
                 self.end_epoch(epoch, stats)
             else:
-                self.checkpointer.save_last(self.progress)
+                self._save_last()
             if stop is not None:
                 return stop
         return Stop.finished(self.cfg.train.max_epochs)

@@ -23,7 +23,7 @@ from hpc_drseg.errors import InputError
 from hpc_drseg.train.checkpoint import checkpoint_path, load_checkpoint
 from hpc_drseg.train.lock import RunLock
 from hpc_drseg.train.signals import EXIT_RESUMABLE
-from hpc_drseg.train.trainer import train
+from hpc_drseg.train.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
@@ -210,3 +210,46 @@ def test_ranks_that_read_different_checkpoints_stop_together(shards_dir, two_ran
     expected = r"the ranks read different \S+last\.pt \(rank 0: step 1 \(epoch 0, step 1 in it\); rank 1: step 0 "
     assert re.search(expected, done.stdout), done.stdout[-4000:]
     assert load_checkpoint(checkpoint_path(run_dir, "last"))["progress"]["global_step"] == 1  # nothing trained
+
+
+# ------------------------------------------------------------------------------------- epoch rows of resumed runs
+@pytest.fixture(scope="module")
+def reference_history(shards_dir, tmp_path_factory) -> list[dict[str, float]]:
+    """The history rows of two uninterrupted epochs (3 steps each)."""
+    result = train(load_config(DEBUG_YAML, overrides(shards_dir, tmp_path_factory.mktemp("reference") / "run")))
+    assert result.exit_code == 0 and result.progress.global_step == 6
+    return result.progress.history
+
+
+def _same_rows(rows: list[dict[str, float]], reference: list[dict[str, float]]) -> None:
+    """Every figure the same (bit-exact on one process), except wall-clock ones."""
+    timed = {"epoch_time_s", "img_per_s"}
+    assert [{k: v for k, v in row.items() if k not in timed} for row in rows] == [
+        {k: v for k, v in row.items() if k not in timed} for row in reference
+    ]
+
+
+def test_epoch_resumed_mid_way_has_the_train_metrics_of_all_its_steps(shards_dir, tmp_path, reference_history):
+    run_dir = tmp_path / "run"
+    assert train(load_config(DEBUG_YAML, overrides(shards_dir, run_dir, "train.max_steps=4"))).exit_code == 0
+    result = train(load_config(DEBUG_YAML, overrides(shards_dir, run_dir)))
+    _same_rows(result.progress.history, reference_history)
+
+
+def test_sigterm_on_the_last_step_of_an_epoch_resumes_to_the_same_row(shards_dir, tmp_path, reference_history):
+    cfg = load_config(DEBUG_YAML, overrides(shards_dir, tmp_path / "run"))
+    trainer = Trainer(cfg)
+    real_step = trainer.train_step
+
+    def train_step(batch):
+        terms = real_step(batch)
+        if trainer.progress.global_step == 2:  # the step about to be counted is epoch 0's last
+            trainer.stop.request("SIGTERM")
+        return terms
+
+    trainer.train_step = train_step
+    stopped = trainer.fit()
+    assert stopped.exit_code == EXIT_RESUMABLE and (stopped.progress.epoch, stopped.progress.step_in_epoch) == (0, 3)
+    assert stopped.progress.history == []
+    result = train(cfg)
+    _same_rows(result.progress.history, reference_history)
