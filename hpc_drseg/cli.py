@@ -467,6 +467,19 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- parsing
+def exit_process_if_distributed(status: int) -> int:
+    """A rank of a multi-process run that has finished its work leaves at once with `status`. Interpreter teardown
+    would destroy the communication threads of the process group (gloo, NCCL) in no set order, and one still joinable
+    aborts the process ("terminate called without an active exception", SIGABRT) — a finished run must never end
+    non-zero for teardown reasons. Everything worth keeping is written and flushed before this point."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return status
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drseg", description="Diabetic-retinopathy lesion segmentation on GPU clusters.", epilog=EPILOG
@@ -504,7 +517,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return args.func(args)
+        return exit_process_if_distributed(args.func(args))
     except DrsegError as exc:
         print(f"drseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

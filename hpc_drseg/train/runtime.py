@@ -77,9 +77,9 @@ def model_input_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def shut_down(accelerator: Accelerator) -> None:
-    """Ends a run deterministically before the interpreter exits: trackers first, then the process group. Left to
-    interpreter shutdown, the process group's communication threads can be destroyed while still joinable, which
-    aborts a rank that finished its work ("terminate called without an active exception", SIGABRT)."""
+    """Ends a run before the interpreter exits: trackers, then the process group (Accelerate ≥ 1.x destroys it in
+    end_training; older versions do not). The gloo threads can outlive this until interpreter teardown, which is why
+    a multi-process `drseg` command leaves through cli.exit_process_if_distributed (no teardown) once done."""
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
