@@ -127,7 +127,7 @@ def two_rank_run(shards_dir, tmp_path_factory) -> Path:
 
 
 def _run(launcher: list[str], shards_dir: Path, run_dir: Path, *extra: str, env=None) -> subprocess.CompletedProcess:
-    """`launcher … train` in a session of its own, all of whose processes are killed should it hang."""
+    """`launcher … train`; the launcher and every process under it are killed should it hang."""
     cmd = [*launcher, "train", "--config", str(DEBUG_YAML), *overrides(shards_dir, run_dir, *extra)]
     proc = subprocess.Popen(
         cmd,
@@ -136,12 +136,14 @@ def _run(launcher: list[str], shards_dir: Path, run_dir: Path, *extra: str, env=
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
     )
     try:
         output, _ = proc.communicate(timeout=DEADLINE_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this test started: its launcher and ranks
+        # The launcher and its ranks, which torch.distributed.run starts in sessions of their own.
+        for started in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                started.kill()
         output, _ = proc.communicate()
         raise AssertionError(f"no exit within {DEADLINE_S} s (hung); output:\n{output[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
