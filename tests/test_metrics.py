@@ -613,3 +613,20 @@ def test_bench_metrics_reports_agreement_and_speed():
     assert len(agreement) == len(bench.GAUSSIAN_CASES)
     assert all(abs(row["streaming"] - row["sklearn"]) < 1e-3 for row in agreement)
     assert "speed-up" in bench.format_ap_table(rows) and "linear bins" in bench.format_agreement_table(agreement)
+
+
+def test_negative_zero_and_flushed_denormals_score_as_zero():
+    """Interpolated probabilities can be −0.0, and with denormals flushed (the trainer sets it for speed) the
+    neighbours of 0 become ±0.0: every such score is the slot of 0, and the metrics do not fail on them."""
+    grid = ScoreGrid(10, PR_CURVE_POINTS)
+    zero = grid.slots(torch.tensor([0.0])).item()
+    assert grid.slots(torch.tensor([-0.0, 0.0])).tolist() == [zero, zero]
+    torch.set_flush_denormal(True)
+    try:
+        tiny = torch.tensor([1e-45, -1e-45, 1e-40]).clamp(0, 1)
+        assert grid.slots(tiny).tolist() == [zero] * 3
+        standard = StandardMetrics()
+        standard.update(same4([-0.0, 0.9]), same4([0, 1]))
+        assert standard.compute()["mAP"] == 1.0
+    finally:
+        torch.set_flush_denormal(False)  # torch's default

@@ -29,7 +29,9 @@ def _float_keys(probs: Tensor, score_bits: int) -> Tensor:
     shift = _FLOAT32_MANTISSA_BITS - score_bits
     half_key = _HALF_BITS >> shift
     tail = torch.minimum(probs, 1.0 - probs)  # 1 − p is exact in float32 for p ≥ 0.5
-    low = tail.view(torch.int32).bitwise_right_shift_(shift)
+    # abs: −0.0 (from interpolation, or a tiny negative flushed by denormals-are-zero) has the sign bit set, which
+    # would make a negative key; it is the same score as +0.0.
+    low = tail.abs_().view(torch.int32).bitwise_right_shift_(shift)
     return torch.where(probs > 0.5, 2 * half_key - low, low)
 
 
