@@ -7,7 +7,9 @@
 #                                                               on a partition without GPUs)
 # On a cluster without GPUs, sbatch needs --gpus-per-node=0. Exit status 2: the configuration or an override is
 # invalid (one line names the key). Environment: DRSEG_VENV, DRSEG_CPU_PROCS, DRSEG_ACCELERATE_CONFIG,
-# DRSEG_GPUS_PER_NODE, DRSEG_DRY_RUN (see docs/cluster.md).
+# DRSEG_GPUS_PER_NODE, DRSEG_DRY_RUN, DRSEG_MAX_REQUEUES (see docs/cluster.md). A stopped job is requeued only while
+# SLURM still shows it RUNNING (never after a plain scancel), at most DRSEG_MAX_REQUEUES times, and only if its
+# checkpoint advanced since it started; otherwise it ends FAILED (status 75) with the reason in its log.
 #SBATCH --job-name=drseg
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -21,6 +23,7 @@
 set -euo pipefail
 
 EXIT_RESUMABLE=75  # hpc_drseg.train.signals: "checkpoint written, run me again"
+DEFAULT_MAX_REQUEUES=5
 DEFAULT_CONFIG=configs/attention_deeplab.yaml
 
 say() { echo "[train.sh $(date '+%F %T')] $*" >&2; }
@@ -205,16 +208,30 @@ build_command() {
   if [ "${DRSEG_DRY_RUN:-0}" = 1 ] && [ "$nodes" -le 1 ]; then command=(echo "${command[@]}"); fi
 }
 
+# squeue's state of this job (RUNNING, COMPLETING, …); empty when squeue no longer lists it or cannot be asked.
+job_state() { squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null | head -n 1 || true; }
+
 # bash runs a trap only after a foreground child exits: the launcher runs in the background and is waited for.
 # USR2 (time limit, --signal=B:USR2@90) and TERM (scancel, preemption) reach the training processes as TERM: the
 # trainer checkpoints on either, and torchrun/accelerate pass TERM on to their workers but die on a USR2.
+# After a plain scancel (or the time limit, or a preemption that SLURM requeues itself) the job is no longer RUNNING
+# when its TERM arrives; that is noted at once, because SLURM kills the script KillWait seconds later.
 on_stop_signal() {
   stop_signal="$1"
-  [ -n "$child" ] || return 0
-  if [ "${command[0]}" = srun ]; then
-    signal_steps
-  else
-    kill -TERM "$child" 2>/dev/null || true
+  if [ -n "$child" ]; then
+    if [ "${command[0]}" = srun ]; then
+      signal_steps
+    else
+      kill -TERM "$child" 2>/dev/null || true
+    fi
+  fi
+  if [ "$1" = TERM ] && [ -z "$ended_state" ]; then
+    local state
+    state="$(job_state)"
+    if [ "$state" != RUNNING ]; then
+      ended_state="${state:-gone from squeue}"
+      say "SIGTERM while job $SLURM_JOB_ID is $ended_state (cancelled, timed out or preempted): it will not be requeued"
+    fi
   fi
 }
 
@@ -225,6 +242,52 @@ signal_steps() {
   for step in $(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null); do
     if [[ "$step" =~ \.[0-9]+$ ]]; then scancel --signal=TERM "$step" 2>/dev/null || true; fi
   done
+}
+
+# The global step saved in RUN/checkpoints/last.pt: 0 without one, -1 if it can't be read (the trainer then says why).
+checkpoint_step() {
+  local path="$run_dir/checkpoints/last.pt"
+  [ -f "$path" ] || { echo 0; return 0; }
+  python -c 'import sys, torch
+print(int(torch.load(sys.argv[1], map_location="cpu", weights_only=True)["progress"]["global_step"]))' "$path" \
+    2>/dev/null || echo -1
+}
+
+# The job's time limit in seconds (squeue's %l: M:SS, H:MM:SS or D-HH:MM:SS); fails for UNLIMITED or unknown.
+time_limit_s() {
+  local limit
+  limit="$(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null | head -n 1)" || return 1
+  [[ "$limit" =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 1
+  echo $(((((10#${BASH_REMATCH[2]:-0} * 24) + 10#${BASH_REMATCH[4]:-0}) * 60 + 10#${BASH_REMATCH[5]}) * 60 \
+    + 10#${BASH_REMATCH[6]}))
+}
+
+# How long before the time limit SLURM signals the job: the --signal of the sbatch command line (sacct's
+# SubmitLine), else $SBATCH_SIGNAL, else this script's #SBATCH line; sbatch's default is 60 s when @ is omitted.
+# slurmdbd may record a just-started job a moment late: a few tries; none without accounting (sacct fails).
+signal_lead_s() {
+  local line="" spec try
+  for try in 1 2 3 4 5; do
+    line="$(sacct -X -n -P -j "$SLURM_JOB_ID" -o SubmitLine 2>/dev/null)" || break
+    [ -z "$line" ] || break
+    [ "$try" = 5 ] || sleep 1
+  done
+  spec="$(grep -oE -- '--signal[= ][^ ]+' <<<"$line" | tail -n 1 || true)"
+  spec="${spec#--signal?}"
+  [ -n "$spec" ] || spec="${SBATCH_SIGNAL:-}"
+  [ -n "$spec" ] || spec="$(sed -n 's/^#SBATCH --signal=//p' "$0" | tail -n 1)"
+  if [[ "$spec" =~ @([0-9]+)$ ]]; then echo "${BASH_REMATCH[1]}"; else echo 60; fi
+}
+
+# A limit no longer than the lead time has SLURM signal the job as it starts: it stops before its first step.
+warn_short_time_limit() {
+  local limit lead
+  limit="$(time_limit_s)" || return 0
+  lead="$(signal_lead_s)"
+  if [ "$limit" -le "$lead" ]; then
+    say "warning: the time limit (${limit} s) is not longer than the --signal lead time (${lead} s): SLURM signals" \
+      "the job before it trains, and a job stopped without progress is not requeued"
+  fi
 }
 
 run_launcher() {
@@ -240,17 +303,49 @@ run_launcher() {
   return "$status"
 }
 
+# A stopped job goes back to the queue only while it is still RUNNING (a plain scancel leaves it COMPLETING or gone:
+# a cancel stays a cancel), has been requeued fewer than DRSEG_MAX_REQUEUES times, and its last.pt advanced since this
+# run started (a job stopped before it trains would be stopped again, in a loop). Otherwise it ends with status 75:
+# last.pt, if any, is intact, and resubmitting the same command resumes from it.
 requeue() {
-  say "$1; requeueing job $SLURM_JOB_ID (it resumes from the run's checkpoints/last.pt)"
+  local why="$1" restarts="${SLURM_RESTART_COUNT:-0}" step="$start_step"
+  if [ -z "$ended_state" ]; then
+    local state
+    state="$(job_state)"
+    [ "$state" = RUNNING ] || ended_state="${state:-gone from squeue}"
+  fi
+  if [ -n "$ended_state" ]; then
+    say "$why; job $SLURM_JOB_ID is $ended_state, not RUNNING: not requeued"
+    exit "$EXIT_RESUMABLE"
+  fi
+  if [ "$restarts" -ge "$max_requeues" ]; then
+    say "$why; not requeued: job $SLURM_JOB_ID was already requeued $restarts times (DRSEG_MAX_REQUEUES=$max_requeues);" \
+      "resubmit the same command to resume from $run_dir/checkpoints/last.pt"
+    exit "$EXIT_RESUMABLE"
+  fi
+  [ "$launched" = 0 ] || step="$(checkpoint_step)"
+  if [ "$step" -le "$start_step" ]; then
+    say "$why; not requeued: no progress since this run started ($run_dir/checkpoints/last.pt at global step" \
+      "$step, as at the start; a requeued job would stop again before training: is --time longer than the --signal" \
+      "lead time?)"
+    exit "$EXIT_RESUMABLE"
+  fi
+  say "$why; requeueing job $SLURM_JOB_ID (requeue $((restarts + 1)) of at most $max_requeues; global step" \
+    "$start_step -> $step; it resumes from the run's checkpoints/last.pt)"
   scontrol requeue "$SLURM_JOB_ID" || { say "scontrol requeue failed; resubmit by hand to resume"; exit 1; }
   exit 0
 }
 
 main() {
-  stop_signal="" child=""
+  stop_signal="" child="" ended_state="" launched=0 start_step=0
   trap 'on_stop_signal USR2' USR2
   trap 'on_stop_signal TERM' TERM
-  local run_dir status=0
+  local status=0
+  max_requeues="${DRSEG_MAX_REQUEUES:-$DEFAULT_MAX_REQUEUES}"
+  if ! [[ "$max_requeues" =~ ^[0-9]+$ ]]; then
+    say "DRSEG_MAX_REQUEUES must be a whole number >= 0, not '$max_requeues': job $SLURM_JOB_ID ends without training"
+    exit 2
+  fi
   check_config || status=$?
   if [ "$status" -ne 0 ]; then
     say "configuration check failed (status $status): job $SLURM_JOB_ID ends without training"
@@ -260,8 +355,11 @@ main() {
   run_dir="$(resolve_run_dir)"
   build_command
   say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run $run_dir"
+  warn_short_time_limit
+  start_step="$(checkpoint_step)"
   [ -z "$stop_signal" ] || requeue "stopped by $stop_signal before training started"
   say "launch: ${command[*]}"
+  launched=1
   run_launcher || status=$?
   # Multi-process launchers report a worker's 75 as their own failure: after a stop signal any failure of the
   # launcher means "stopped", and the trainer resumes from RUN/checkpoints/last.pt.

@@ -1,5 +1,6 @@
 """slurm/train.sh on real local SLURM clusters (tests/slurm/conftest.py): launch choice, CPU training, preemption, the
-README's command from a fresh clone, clusters without GPUs, bad overrides.
+README's command from a fresh clone, clusters without GPUs, bad overrides, and the requeue rules (cancel, progress,
+cap, time limit).
 
 The three training jobs of `jobs` are submitted together (they fit side by side on the two 2-CPU nodes) and checked
 one by one.
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -20,6 +22,9 @@ import yaml
 from hpc_drseg.train.checkpoint import checkpoint_path, load_checkpoint
 
 pytestmark = pytest.mark.slurm
+
+# Job states after which a job never runs again (as tests/slurm/conftest.py FINAL_STATES).
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE"})
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SH = REPO / "slurm" / "train.sh"
@@ -336,3 +341,188 @@ def test_bad_override_is_refused_before_self_submission(defaults_cluster, tmp_pa
     assert len(lines) == 2 and lines[0] == BAD_OVERRIDE_ERROR, done.stderr
     assert lines[1].endswith("] configuration check failed (status 2): nothing submitted"), done.stderr
     assert not (tmp_path / "logs").exists()
+
+
+# ------------------------------------------------------------------------------------------------ requeue rules
+# A plain scancel stays a cancel, a stop without progress is not requeued, DRSEG_MAX_REQUEUES caps the requeues, and a
+# time limit no longer than the --signal lead time is warned about. The three training jobs of `stopped` run side by
+# side (one CPU each) with far more steps than they ever reach, so every stop lands mid-training; one polling loop
+# sends each job its signals when its log shows the moment.
+NEVER_REACHED_STEPS = 100_000  # the jobs are always stopped long before the epoch ends
+USR2 = ["--signal=USR2", "--batch"]  # what --signal=B:USR2@90 sends before the time limit
+CANCEL: list[str] = []  # a plain scancel
+EXIT_RESUMABLE = 75
+
+
+def segment(log: str, restart: int) -> str:
+    """The part of the log written by the job's run number `restart` (0: the first), "" before it starts."""
+    marker = f"(restart {restart}) on "
+    return log[log.index(marker) :] if marker in log else ""
+
+
+def trained_in(restart: int) -> Callable[[str], bool]:
+    """The run `restart` has finished a step beyond the one it resumed at (or beyond 0 on a fresh start)."""
+
+    def check(log: str) -> bool:
+        part = segment(log, restart)
+        resumed = re.search(r"resumed \S+last\.pt at epoch \d+, step (\d+)", part)
+        if restart > 0 and not resumed:
+            return False
+        start = int(resumed.group(1)) if resumed else 0
+        bars = [int(n) for n in re.findall(r"^epoch 0: .*\|\s*(\d+)/\d+ ", part, re.MULTILINE)]
+        return any(n > start for n in bars)
+
+    return check
+
+
+def started(restart: int) -> Callable[[str], bool]:
+    """The run `restart` has begun: its `[train.sh] job N (restart R)` line is in the log, nothing trained yet."""
+    return lambda log: segment(log, restart) != ""
+
+
+# name → (environment, [(what the log must show, what scancel then sends)]).
+PLANS: dict[str, tuple[dict[str, str], list[tuple[Callable[[str], bool], list[str]]]]] = {
+    "cancel": ({}, [(trained_in(0), CANCEL)]),
+    # Requeued once (it trained), then stopped again as soon as the requeued run starts: no progress.
+    "no_progress": ({}, [(trained_in(0), USR2), (started(1), USR2)]),
+    # Trains in both runs; the second stop meets the cap.
+    "cap": ({"DRSEG_MAX_REQUEUES": "1"}, [(trained_in(0), USR2), (trained_in(1), USR2)]),
+}
+
+
+def squeue_state(cluster, job: int) -> str:
+    """squeue's %T for the job, "" once squeue no longer lists it."""
+    return cluster.run(["squeue", "-h", "-j", str(job), "-o", "%T"]).stdout.strip()
+
+
+def records(cluster, job: int) -> list[str]:
+    """sacct's State of every run of the job, oldest first ("REQUEUED", …, "CANCELLED by 0")."""
+    out = cluster.run(["sacct", "--duplicates", "-X", "-n", "-P", "-j", str(job), "-o", "State"]).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def wait_final(cluster, job: int, folder: Path, max_restart: int) -> str:
+    """Waits for the final state (first word); fails at once if the job starts a run beyond `max_restart`."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        log = job_log(folder)
+        assert not started(max_restart + 1)(log), f"job {job} was requeued again; its log:\n{log[-4000:]}"
+        runs = records(cluster, job)  # not cluster.job_state: it reads "CANCELLED by 0" as "0"
+        state = runs[-1].split()[0] if runs else ""
+        if state in FINAL_STATES:
+            return state
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job} did not end within {JOB_TIMEOUT_S} s; its log:\n{job_log(folder)[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def stopped(slurm_cluster, shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """name → (job id, submit folder, squeue states seen after the plain scancel), every plan carried out."""
+    jobs: dict[str, tuple[int, Path]] = {}
+    overrides = [f"data.shards={shards_dir}", f"train.steps_per_epoch={NEVER_REACHED_STEPS}", "train.max_epochs=1"]
+    for name, (env, _) in PLANS.items():
+        folder = tmp_path_factory.mktemp(name)
+        (folder / "logs").mkdir()
+        args = [*NO_GPU, str(TRAIN_SH), str(DEBUG_CONFIG), *overrides, "train.batch_size=1"]
+        jobs[name] = (slurm_cluster.sbatch(args, cwd=folder, env=job_env(**env)), folder)
+    try:
+        after_cancel: list[str] = []
+        pending = {name: list(steps) for name, (_, steps) in PLANS.items()}
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while any(pending.values()) and time.monotonic() < deadline:
+            for name, steps in pending.items():
+                job, folder = jobs[name]
+                if steps and steps[0][0](job_log(folder)):
+                    slurm_cluster.run(["scancel", *steps.pop(0)[1], str(job)])
+                    if name == "cancel":  # from now on the job may only be COMPLETING, then gone
+                        after_cancel.append(squeue_state(slurm_cluster, job))
+            if not pending["cancel"] and (not after_cancel or after_cancel[-1]):
+                after_cancel.append(squeue_state(slurm_cluster, jobs["cancel"][0]))
+            time.sleep(0.2)
+        left = {name: len(steps) for name, steps in pending.items() if steps}
+        logs = {name: job_log(jobs[name][1])[-3000:] for name in left}
+        assert not left, f"signals not sent within {JOB_TIMEOUT_S} s: {left}; logs: {logs}"
+        yield {name: (job, folder, after_cancel if name == "cancel" else []) for name, (job, folder) in jobs.items()}
+    finally:  # a job the script wrongly keeps requeueing must not run on for the rest of the session
+        for job, _ in jobs.values():
+            for args in (["--full", "--signal=KILL"], []):
+                slurm_cluster.run(["bash", "-c", f"scancel {' '.join(args)} {job} || true"])
+
+
+@pytest.mark.slow
+def test_plain_scancel_cancels_and_the_job_is_never_queued_again(slurm_cluster, stopped) -> None:
+    job, folder, seen = stopped["cancel"]
+    assert set(seen) <= {"COMPLETING", ""}, f"job {job} {seen} after scancel; log:\n{job_log(folder)[-3000:]}"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while seen[-1] and time.monotonic() < deadline:  # COMPLETING until the trainer has checkpointed (≤ KillWait)
+        seen.append(squeue_state(slurm_cluster, job))
+        assert seen[-1] in {"COMPLETING", ""}, f"job {job} {seen[-1]} after scancel; log:\n{job_log(folder)[-3000:]}"
+        time.sleep(0.5)
+    assert set(seen) == {"COMPLETING", ""} and seen[-1] == "", seen
+    assert wait_final(slurm_cluster, job, folder, max_restart=0) == "CANCELLED"
+    assert [r.split(" by ")[0] for r in records(slurm_cluster, job)] == ["CANCELLED"]  # one run: never requeued
+    assert records(slurm_cluster, job)[0].startswith("CANCELLED by "), records(slurm_cluster, job)
+    log = job_log(folder)
+    notice = f"] SIGTERM while job {job} is COMPLETING (cancelled, timed out or preempted): it will not be requeued"
+    assert any(line.endswith(notice) for line in train_sh_lines(log)), log[-3000:]
+    assert "requeueing job" not in log
+
+
+def refusal(cluster, job: int, folder: Path, max_restart: int) -> str:
+    """The job ended FAILED with status 75 after `max_restart` requeues; returns its last [train.sh] line."""
+    state = wait_final(cluster, job, folder, max_restart)
+    log = job_log(folder)
+    assert state == "FAILED", f"job {job} ended {state}; its log:\n{log[-4000:]}"
+    assert records(cluster, job) == ["REQUEUED"] * max_restart + ["FAILED"]
+    exit_code = cluster.run(["sacct", "-X", "-n", "-P", "-j", str(job), "-o", "ExitCode"]).stdout.split()
+    assert exit_code == [f"{EXIT_RESUMABLE}:0"]
+    assert log.count("requeueing job") == max_restart, log[-4000:]
+    return train_sh_lines(log)[-1]
+
+
+@pytest.mark.slow
+def test_a_stop_without_progress_is_not_requeued(slurm_cluster, stopped) -> None:
+    job, folder, _ = stopped["no_progress"]
+    last = refusal(slurm_cluster, job, folder, max_restart=1)
+    assert re.search(
+        r"\] (training )?stopped by USR2 .*; not requeued: no progress since this run started \(\S+/"
+        r"checkpoints/last\.pt at global step [1-9]\d*, as at the start;",
+        last,
+    ), last
+
+
+@pytest.mark.slow
+def test_max_requeues_caps_requeues_of_a_job_that_trains(slurm_cluster, stopped) -> None:
+    job, folder, _ = stopped["cap"]
+    last = refusal(slurm_cluster, job, folder, max_restart=1)
+    assert re.search(
+        rf"\] training stopped by USR2 \(status {EXIT_RESUMABLE}\); not requeued: job {job} was already requeued 1 "
+        r"times \(DRSEG_MAX_REQUEUES=1\); resubmit the same command to resume from \S+/checkpoints/last\.pt$",
+        last,
+    ), last
+
+
+# ---------------------------------------------------------------------------------------------- time limit
+@pytest.mark.parametrize(
+    "options, warned",
+    [
+        (["--time=1"], "(60 s) is not longer than the --signal lead time (90 s)"),  # the script's B:USR2@90
+        (["--time=5", "--signal=B:USR2@400"], "(300 s) is not longer than the --signal lead time (400 s)"),
+        (["--time=5"], None),
+    ],
+    ids=["script_signal", "command_line_signal", "long_enough"],
+)
+def test_time_limit_not_longer_than_the_signal_lead_is_warned_about(
+    slurm_cluster, tmp_path: Path, options: list[str], warned: str | None
+) -> None:
+    (tmp_path / "logs").mkdir()
+    args = [*NO_GPU, *options, str(TRAIN_SH), str(DEBUG_CONFIG)]
+    job = slurm_cluster.sbatch(args, cwd=tmp_path, env=job_env(DRSEG_DRY_RUN="1"))
+    assert slurm_cluster.wait_state(job, timeout_s=120) == "COMPLETED"
+    warnings = [line for line in train_sh_lines(job_log(tmp_path)) if "] warning: " in line]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and f"] warning: the time limit {warned}: SLURM signals the job" in warnings[0], (
+            warnings
+        )
