@@ -69,8 +69,9 @@ class SlurmCluster:
 
     def job_state(self, job_id: int | str) -> str:
         """sacct's state of the job's latest run, first word only ("CANCELLED by 0" → "CANCELLED"); "" if unknown."""
-        out = self.run(["sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", "State"]).stdout.split()
-        return out[-1] if out else ""
+        lines = self.run(["sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", "State"]).stdout.split("\n")
+        lines = [line for line in lines if line.strip()]
+        return lines[-1].split()[0] if lines else ""
 
     def wait_state(self, job_id: int | str, states: frozenset[str] = FINAL_STATES, timeout_s: float = 120) -> str:
         """Polls sacct until the job reaches one of `states`; returns it. TimeoutError names the last state seen."""
