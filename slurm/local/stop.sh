@@ -59,6 +59,24 @@ cancel_jobs() {
   done
 }
 
+# Job processes outlive their daemons: a job step's slurmstepd and everything under it keep running after slurmd
+# stops (e.g. a job requeued while the cluster went down). They carry this cluster's SLURM_CONF in their
+# environment, which no other process on the machine does unless it was started for this cluster.
+kill_job_processes() {
+  local marker="SLURM_CONF=$state/etc/slurm.conf" proc pid env killed=0
+  for proc in /proc/[0-9]*; do
+    pid="${proc#/proc/}"
+    [ "$pid" = "$$" ] && continue
+    env="$( { tr '\0' '\n' <"$proc/environ"; } 2>/dev/null)" || continue
+    grep -qxF "$marker" <<<"$env" || continue
+    # slurmstepd itself, or a process of a job (SLURM_JOB_ID); never a client that only points at the cluster
+    if [ "$(cat "$proc/comm" 2>/dev/null)" = slurmstepd ] || grep -q '^SLURM_JOB_ID=' <<<"$env"; then
+      kill -KILL "$pid" 2>/dev/null && killed=$((killed + 1))
+    fi
+  done
+  [ "$killed" -eq 0 ] || say "killed $killed leftover job process(es) of this cluster"
+}
+
 main() {
   [ -d "$state" ] || { say "nothing to stop: $state does not exist"; return 0; }
   cancel_jobs
@@ -69,6 +87,7 @@ main() {
   # Each daemon takes 2-4 s to exit, so they are stopped together: first SLURM's (slurmctld keeps accounting records
   # that slurmdbd misses in its state folder), then the services those use.
   stop_group "${slurmds[@]}" "$state/run/slurmctld.pid:slurmctld" "$state/run/slurmdbd.pid:slurmdbd"
+  kill_job_processes
   stop_group "$state/run/mariadbd.pid:mariadbd" "$state/run/munged.pid:munged"
   if [ "$purge" -eq 1 ]; then
     rm -rf "$state"
