@@ -201,6 +201,8 @@ class LossConfig:
             raise ConfigError(
                 f"loss.pos_weight: got {len(self.pos_weight)} values; give {len(LESIONS)}, one per lesion {LESIONS}"
             )
+        for lesion, weight in zip(LESIONS, self.pos_weight or ()):
+            check_range(f"loss.pos_weight ({lesion})", weight, 0.0, 1e6)
 
 
 @dataclass
