@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from hpc_drseg.errors import ExistsError
+from hpc_drseg.errors import DrsegError, ExistsError
 
 log = logging.getLogger("hpc_drseg.train")
 
@@ -115,3 +115,26 @@ def _held_message(run_dir: Path, path: Path, holder: Optional[dict[str, Any]]) -
         f"run folder {run_dir} is being trained by {who}, which holds {path}; two trainings would overwrite each "
         "other's checkpoints and logs: wait for it to end or stop it, or set train.run_dir to another folder"
     )
+
+
+def lock_on_rank_0(run_dir: Path, is_main: bool, world: int) -> Optional[RunLock]:
+    """Rank 0 takes RUN/.lock before anything is written; every rank learns whether it got it, so that a refusal
+    stops all ranks at once instead of leaving the others waiting in their next collective."""
+    from hpc_drseg.train.runtime import broadcast_from_rank_0
+
+    lock, failure = None, None
+    if is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except Exception as exc:  # whatever it is, the other ranks must hear of it
+            failure = exc
+    report = None if failure is None else (isinstance(failure, DrsegError), str(failure))
+    refusal = broadcast_from_rank_0(report, world)
+    if failure is not None:
+        raise failure
+    if refusal is not None:
+        user_error, message = refusal
+        if user_error:
+            raise ExistsError(message)
+        raise RuntimeError(f"rank 0 could not lock {run_dir}: {message}")
+    return lock

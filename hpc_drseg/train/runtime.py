@@ -7,9 +7,10 @@ group on CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +19,8 @@ from hpc_drseg.errors import InputError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+log = logging.getLogger("hpc_drseg.train")
 
 
 def uses_deepspeed() -> bool:
@@ -83,3 +86,29 @@ def shut_down(accelerator: Accelerator) -> None:
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def broadcast_from_rank_0(value: Any, world: int) -> Any:
+    """Rank 0's `value` on every rank (a collective: every rank must call it)."""
+    if world == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def check_replicas(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """DDP/ZeRO keep every rank's weights identical; a silent drift is an error here (without CUDA, DDP needs
+    Accelerator(cpu=True), else ranks silently drift apart: docs/platform-notes.md)."""
+    world = accelerator.num_processes
+    if world == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters()])
+    high, low = checksum.clone(), -checksum
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MAX)
+    spread = high + low  # max - min, per parameter tensor
+    if spread.abs().max().item() > 0:
+        raise RuntimeError(f"model replicas differ across the {world} ranks (max spread {spread.max():.3g})")
+    if accelerator.is_main_process:
+        log.info("replicas identical on all %d ranks (%d parameter tensors)", world, checksum.numel())

@@ -24,18 +24,19 @@ import torch
 
 from hpc_drseg.config import RunConfig, save_config
 from hpc_drseg.data.augment import build_augment
-from hpc_drseg.data.manifest import read_manifest, shard_groups, split_info
+from hpc_drseg.data.manifest import read_manifest, split_info
 from hpc_drseg.data.normalize import normalize
 from hpc_drseg.data.pipeline import Batch, build_train_loader, steps_per_epoch
-from hpc_drseg.errors import DrsegError, ExistsError, InputError
 from hpc_drseg.losses import build_loss
 from hpc_drseg.models import build_model, check_initialisation, split_output
 from hpc_drseg.train.checkpoint import Checkpointer, Progress, record_config_changes
-from hpc_drseg.train.lock import RunLock
+from hpc_drseg.train.lock import lock_on_rank_0
 from hpc_drseg.train.logs import RunLogger
 from hpc_drseg.train.monitor import BestTracker, LRPlateau, TrainingMonitor
+from hpc_drseg.train.preflight import check_image_size, check_split
 from hpc_drseg.train.runtime import (
     build_accelerator,
+    check_replicas,
     configure_deepspeed,
     model_input_dtype,
     seed_everything,
@@ -137,8 +138,8 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.manifest = read_manifest(cfg.data.shards)
-        self._check_image_size()
-        self._check_split(cfg.data.train_split, "data.train_split")
+        check_image_size(cfg, self.manifest)
+        check_split(cfg, self.manifest, cfg.data.train_split, "data.train_split")
         self.progress = Progress()
         self._sums: dict[str, torch.Tensor] = {}  # this epoch's loss sums on this rank (run_epoch)
         self._steps_done = 0
@@ -147,26 +148,6 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=False, history=self.progress.history)  # fit() opens the real one
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def _check_image_size(self) -> None:
-        shard_px = self.manifest["image_px"]
-        if shard_px != self.cfg.data.image_px:
-            raise InputError(
-                f"shards in {self.cfg.data.shards} are {shard_px}px but data.image_px={self.cfg.data.image_px}; "
-                f"set data.image_px={shard_px} or re-shard with --image-px {self.cfg.data.image_px}"
-            )
-
-    def _check_split(self, split: str, key: str) -> None:
-        """The split exists, holds images and all its shard files: a missing one would otherwise surface only when the
-        loader reaches it (for the validation split, after an epoch of compute)."""
-        shards = self.cfg.data.shards
-        info = split_info(self.manifest, split, shards)
-        if info["images"] < 1:
-            raise InputError(
-                f"split '{split}' ({key}) in the shards {shards} holds no images; shard a DDR tree whose "
-                f"lesion_segmentation/{split}/ has images, or set {key} to another split"
-            )
-        shard_groups(shards, info)  # MissingError naming the first shard file that is listed but absent
-
     def _build_objects(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         if cfg.train.debug:
@@ -380,50 +361,7 @@ class Trainer:
         if self.monitor.improved:
             self.checkpointer.save_best(self.progress)
 
-    def check_replicas(self) -> None:
-        """DDP/ZeRO keep every rank's weights identical; a silent drift is an error here (without CUDA, DDP needs
-        Accelerator(cpu=True), else ranks silently drift apart: docs/platform-notes.md)."""
-        if self.world == 1:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])
-        high, low = checksum.clone(), -checksum
-        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MAX)
-        spread = high + low  # max - min, per parameter tensor
-        if spread.abs().max().item() > 0:
-            raise RuntimeError(f"model replicas differ across the {self.world} ranks (max spread {spread.max():.3g})")
-        if self.is_main:
-            log.info("replicas identical on all %d ranks (%d parameter tensors)", self.world, checksum.numel())
-
     # ------------------------------------------------------------------------------------------------ main loop
-    def _lock_run_folder(self) -> Optional[RunLock]:
-        """Rank 0 takes RUN/.lock before anything is written; every rank learns whether it got it, so that a refusal
-        stops all ranks at once instead of leaving the others waiting in their next collective."""
-        lock, failure = None, None
-        if self.is_main:
-            try:
-                lock = RunLock.acquire(self.run_dir)
-            except Exception as exc:  # whatever it is, the other ranks must hear of it
-                failure = exc
-        refusal = self._from_rank_0(None if failure is None else (isinstance(failure, DrsegError), str(failure)))
-        if failure is not None:
-            raise failure
-        if refusal is not None:
-            user_error, message = refusal
-            if user_error:
-                raise ExistsError(message)
-            raise RuntimeError(f"rank 0 could not lock {self.run_dir}: {message}")
-        return lock
-
-    def _from_rank_0(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank (a collective: every rank must call it)."""
-        if self.world == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([value])[0]
-
     def _start(self) -> None:
         """Resumes RUN/checkpoints/last.pt if there is one (recording any config change), else writes config.yaml."""
         resumed = self.checkpointer.resume(self.allow_config_change, self.allow_world_size_change)
@@ -442,7 +380,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         # Validation runs only after an epoch of compute: its split is checked now (the training split was in __init__).
-        self._check_split(self.cfg.data.val_split, "data.val_split")
+        check_split(self.cfg, self.manifest, self.cfg.data.val_split, "data.val_split")
         installed_here = not self.stop.installed
         self.stop.install()
         try:
@@ -460,7 +398,7 @@ class Trainer:
         )
 
     def _fit_locked(self) -> Stop:
-        lock = self._lock_run_folder()
+        lock = lock_on_rank_0(self.run_dir, self.is_main, self.world)
         try:
             # Only under the lock: the Checkpointer clears temporaries that only a dead writer can have left.
             self.checkpointer = Checkpointer(self.accelerator, self.cfg, self.model, self.optimizer, self.monitor)
@@ -468,7 +406,7 @@ class Trainer:
             self.logger = RunLogger(self.run_dir, enabled=self.is_main, history=self.progress.history)
             # A signal during the resume: last.pt is as consistent as it was, so stop before step 0.
             stop = Stop.signal(self.stop.signal_name) if self._stop_requested() else self._loop()
-            self.check_replicas()
+            check_replicas(self.accelerator, self.model)
         finally:
             self.logger.close()
             if lock is not None:
