@@ -1,8 +1,8 @@
 """`drseg predict`: lesion maps for any fundus photo with a trained checkpoint (Jithesh et al., ICMLA 2025): an overlay
 in the paper's colours, optional probabilities, and per-lesion counts and areas (the paper's "quantitative
 measurements") in OUT/lesions.json. Images are processed one at a time, so memory stays bounded on large folders.
-The model is built from the checkpoint's own config (never reading the ImageNet file it may name: the checkpoint's
-weights replace it); a file that is no run checkpoint, or whose weights do not fit its config, is one line naming it.
+The probabilities come from hpc_drseg.inference.Predictor: the model built from the checkpoint's own config (never
+reading the ImageNet file it may name); a file that is no run checkpoint, or whose weights do not fit, is one line.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ from typing import Any, Optional
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from hpc_drseg.atomic import atomic_write_bytes
 from hpc_drseg.constants import LESION_COLOURS, LESIONS
-from hpc_drseg.data.normalize import normalize
 from hpc_drseg.errors import InputError, MissingError
+from hpc_drseg.inference import Predictor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 FOV_LEVEL = 10  # 0-255: the black border of fundus photos stays below this, JPEG noise included
@@ -65,39 +63,6 @@ def output_stems(paths: list[Path]) -> dict[Path, str]:
     """Output name per input: its stem, or stem_<ext> when two inputs share a stem (a.jpg and a.png)."""
     stems = [p.stem for p in paths]
     return {p: p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in paths}
-
-
-# ------------------------------------------------------------------------------------------------------- model
-def select_device(device: Optional[str]) -> torch.device:
-    """CUDA when available and not overridden; an explicit request for CUDA without it is an error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"device={device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device={device!r} requested but CUDA is not available here; use device=cpu")
-    return chosen
-
-
-@torch.no_grad()
-def predict_probs(model: torch.nn.Module, image: np.ndarray, image_px: int, device: torch.device) -> np.ndarray:
-    """RGB (H, W, 3) uint8 → float32 (4, H, W) lesion probabilities at the image's native size.
-
-    Same input path as training: resize to image_px² (area averaging when shrinking), ImageNet normalisation;
-    the probabilities (not the logits) are then upsampled bilinearly, as in the standard evaluation protocol.
-    """
-    from hpc_drseg.data.resize import resize_image
-    from hpc_drseg.models import split_output
-
-    height, width = image.shape[:2]
-    small = torch.from_numpy(np.ascontiguousarray(resize_image(image, image_px)))
-    batch = normalize(small.permute(2, 0, 1)[None].to(device))  # (1, 3, px, px)
-    logits, _ = split_output(model(batch))
-    probs = torch.sigmoid(logits.float())
-    probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False).clamp_(0, 1)
-    return probs[0].cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------- measurements
@@ -225,20 +190,16 @@ def predict(
     {checkpoint, model, image_px, threshold, device, lesions_order, fov_method,
      images: {file name: {path, height, width, fov_px, overlay, probs, lesions: {lesion: measure_lesions(...)}}},
      errors: [{file, path, error}]} — unreadable images are listed under errors and skipped."""
-    from hpc_drseg.evaluate import load_model_weights
-
     inputs, out = Path(inputs), Path(out)
     paths = _checked_inputs(inputs, out, threshold)
-    torch_device = select_device(device)
-    model, cfg, _ = load_model_weights(Path(checkpoint))
-    model.to(torch_device).eval()
+    predictor = Predictor(checkpoint, device=device)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
-        "model": cfg.model.name,
-        "image_px": cfg.data.image_px,
+        "model": predictor.config.model.name,
+        "image_px": predictor.image_px,
         "threshold": threshold,
-        "device": str(torch_device),
+        "device": str(predictor.device),
         "lesions_order": list(LESIONS),
         "fov_method": FOV_METHOD,
         "images": {},
@@ -252,7 +213,7 @@ def predict(
             result["errors"].append({"file": path.name, "path": str(path), "error": str(exc)})
             tqdm.write(f"drseg predict: skipped {exc}", file=sys.stderr)
             continue
-        record = _predict_one(model, cfg.data.image_px, torch_device, image, threshold, out, stems[path], save_probs)
+        record = _predict_one(predictor, image, threshold, out, stems[path], save_probs)
         result["images"][path.name] = {"path": str(path), **record}
     if not result["images"]:
         raise InputError(f"no readable image in {inputs}: " + "; ".join(e["error"] for e in result["errors"]))
@@ -271,16 +232,9 @@ def _checked_inputs(inputs: Path, out: Path, threshold: float) -> list[Path]:
 
 
 def _predict_one(
-    model: torch.nn.Module,
-    image_px: int,
-    device: torch.device,
-    image: np.ndarray,
-    threshold: float,
-    out: Path,
-    stem: str,
-    save_probs: bool,
+    predictor: Predictor, image: np.ndarray, threshold: float, out: Path, stem: str, save_probs: bool
 ) -> dict[str, Any]:
-    probs = predict_probs(model, image, image_px, device)
+    probs = predictor.predict(image)
     fov = estimate_fov(image)
     binary = binarize(probs, threshold, fov)
     write_overlay(out / f"{stem}_overlay.png", render_overlay(image, binary))
