@@ -3,9 +3,9 @@
 Layout: RUN/checkpoints/last.pt (periodic and final) and best.pt (best validation monitor). The weights sit under
 "model"; everything else (optimiser, monitor, epoch/step, every rank's RNG, world size, resolved config) is plain
 tensors and numbers (earlier versions kept ranks > 0's RNG in rng-rank{N}.pt beside last.pt; such checkpoints still
-resume). Under DeepSpeed the partitioned optimiser state lives in checkpoints/deepspeed/ (written by every rank)
-instead of under "optimizer". The weights' keys never depend on how the model was wrapped (torch.compile, DDP,
-DeepSpeed), so eval and predict load them into a plain model.
+resume). Under DeepSpeed the partitioned optimiser state lives in a folder of its own that last.pt names
+(train/deepspeed_state.py) instead of under "optimizer". The weights' keys never depend on how the model was
+wrapped (torch.compile, DDP, DeepSpeed), so eval and predict load them into a plain model.
 
 Every load of a run checkpoint checks, in this order, with one line naming the file: that it is one
 (`load_run_checkpoint`), that it holds the architecture being built (`check_architecture`), and that its weights fit
@@ -35,7 +35,8 @@ from hpc_drseg.config import ModelConfig, RunConfig, config_from_dict, config_to
 from hpc_drseg.config.checks import ConfigError
 from hpc_drseg.errors import InputError, MissingError
 from hpc_drseg.models.registry import architecture_differences
-from hpc_drseg.train.runtime import uses_deepspeed
+from hpc_drseg.train import deepspeed_state
+from hpc_drseg.train.runtime import sync_buffers, uses_deepspeed
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -54,11 +55,6 @@ def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
 def rng_path(run_dir: str | Path, rank: int) -> Path:
     """Ranks > 0 keep their own RNG state beside last.pt (rank 0's is inside it)."""
     return Path(run_dir) / CHECKPOINT_DIR / f"rng-rank{rank}.pt"
-
-
-def deepspeed_dir(run_dir: str | Path) -> Path:
-    """Accelerate's save_state folder for DeepSpeed's per-rank partitions of optimiser (and model) state."""
-    return Path(run_dir) / CHECKPOINT_DIR / "deepspeed"
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -333,6 +329,8 @@ class Checkpointer:
         mine = targets if self.accelerator.is_main_process else [rng_path(self.run_dir, self.rank)]
         for target in mine:
             remove_stale_temporaries(target, exclusive=True)
+        if self.deepspeed and self.accelerator.is_main_process:
+            deepspeed_state.remove_temporaries(self.run_dir / CHECKPOINT_DIR)
 
     def state(self, progress: Progress) -> dict[str, Any]:
         """last.pt's content: weights, monitor, progress, resolved config, this rank's RNG, world size, optimiser."""
@@ -353,17 +351,22 @@ class Checkpointer:
 
     def save_last(self, progress: Progress) -> None:
         """RUN/checkpoints/last.pt (and DeepSpeed's partitions); every rank must call it (it synchronises them)."""
+        # last.pt holds rank 0's BatchNorm statistics; every rank goes on with them, as a resumed run would.
+        sync_buffers(self.accelerator, self.model)
         state = self.state(progress)
         # Every rank's RNG goes into last.pt itself: in a file of its own, a kill between the two writes would
         # resume a rank with the RNG of another step.
-        rngs = self._all_ranks(state["rng"])
+        state["rng_ranks"] = self._all_ranks(state["rng"])
+        folder = self.run_dir / CHECKPOINT_DIR
         if self.deepspeed:  # optimiser state is partitioned across ranks: every rank writes its part
-            self.accelerator.save_state(str(deepspeed_dir(self.run_dir)))
+            state[deepspeed_state.DEEPSPEED_KEY] = deepspeed_state.save(self.accelerator, folder, progress.global_step)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            atomic_torch_save({**state, "rng_ranks": rngs}, checkpoint_path(self.run_dir, "last"))
-            for old in rng_path(self.run_dir, 0).parent.glob("rng-rank*.pt"):  # the earlier layout, now stale
+            atomic_torch_save(state, checkpoint_path(self.run_dir, "last"))
+            for old in folder.glob("rng-rank*.pt"):  # the earlier layout, now stale
                 old.unlink(missing_ok=True)
+            if self.deepspeed:  # only now that last.pt names the new folder
+                deepspeed_state.remove_others(folder, keep=state[deepspeed_state.DEEPSPEED_KEY])
         self.accelerator.wait_for_everyone()
 
     def _all_ranks(self, value: Any) -> list[Any]:
@@ -400,7 +403,7 @@ class Checkpointer:
         world_changed = self._check_world_size(state, path, allow_world_size_change)
         load_model_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), state["model"], path)
         if self.deepspeed:
-            self.accelerator.load_state(str(deepspeed_dir(self.run_dir)))
+            deepspeed_state.load(self.accelerator, self.run_dir / CHECKPOINT_DIR, state, path)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.monitor.load_state_dict(state["monitor"])

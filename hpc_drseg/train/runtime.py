@@ -97,18 +97,37 @@ def broadcast_from_rank_0(value: Any, world: int) -> Any:
     return broadcast_object_list([value])[0]
 
 
+def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Gives every rank rank 0's buffers (BatchNorm running statistics; a collective).
+
+    Each rank updates its running statistics from its own share of the batch; DDP hands rank 0's to all ranks at the
+    next forward, but between epochs they differ, so validation, checkpoints and anything scored from them would
+    depend on the rank. Called before validating and before saving, where DDP's next forward would do the same.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for buffer in accelerator.unwrap_model(model).buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
+
+
 def check_replicas(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """DDP/ZeRO keep every rank's weights identical; a silent drift is an error here (without CUDA, DDP needs
-    Accelerator(cpu=True), else ranks silently drift apart: docs/platform-notes.md)."""
+    """DDP/ZeRO keep every rank's weights identical, and sync_buffers their buffers; a silent drift is an error here
+    (without CUDA, DDP needs Accelerator(cpu=True), else ranks silently drift apart: docs/platform-notes.md)."""
     world = accelerator.num_processes
     if world == 1:
         return
-    checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters()])
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = [*unwrapped.parameters(), *unwrapped.buffers()]
+    checksum = torch.stack([t.detach().double().sum() for t in tensors])
     high, low = checksum.clone(), -checksum
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MAX)
-    spread = high + low  # max - min, per parameter tensor
+    spread = high + low  # max - min, per tensor
     if spread.abs().max().item() > 0:
-        raise RuntimeError(f"model replicas differ across the {world} ranks (max spread {spread.max():.3g})")
+        worst = int(spread.abs().argmax())
+        kind = "parameter" if worst < len(list(unwrapped.parameters())) else "buffer"
+        raise RuntimeError(
+            f"model replicas differ across the {world} ranks ({kind} tensor {worst}, spread {spread[worst]:.3g})"
+        )
     if accelerator.is_main_process:
-        log.info("replicas identical on all %d ranks (%d parameter tensors)", world, checksum.numel())
+        log.info("replicas identical on all %d ranks (%d parameter and buffer tensors)", world, checksum.numel())

@@ -42,6 +42,7 @@ from hpc_drseg.train.runtime import (
     seed_everything,
     set_debug_mode,
     shut_down,
+    sync_buffers,
 )
 from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag, die_with_launcher
 from hpc_drseg.train.validate import collect_metrics, eval_loader, flatten_results
@@ -329,6 +330,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
+        # Every rank scores its share of the images with the same (rank 0's) BatchNorm statistics: the figures then
+        # do not depend on the number of ranks, nor change on resume (which loads rank 0's).
+        sync_buffers(self.accelerator, self.model)
         loader = eval_loader(cfg, cfg.data.val_split, self.accelerator, with_native=False)
         model = self.accelerator.unwrap_model(self.model)
         paper, standard, loss = collect_metrics(

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from hpc_drseg.config import load_config
+from hpc_drseg.train import deepspeed_state
 from hpc_drseg.train.checkpoint import checkpoint_path, load_checkpoint
 from hpc_drseg.train.signals import EXIT_RESUMABLE
 from hpc_drseg.train.trainer import Trainer, train
@@ -124,6 +125,24 @@ def test_ddp_two_processes_with_torchrun(shards_dir, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
     run_dir = tmp_path / "run"
     _check_two_rank_run(_launch(launcher, shards_dir, run_dir, "train.max_epochs=1"), run_dir)
+    _check_validation_is_that_of_rank_0(shards_dir, run_dir, tmp_path / "one_process")
+
+
+def _check_validation_is_that_of_rank_0(shards_dir: Path, run_dir: Path, scratch: Path) -> None:
+    """The 2 ranks' validation (each scoring half of the images) equals one process scoring all of them with the
+    checkpointed weights: every rank validated with rank 0's BatchNorm statistics, not its own."""
+    import csv
+
+    from hpc_drseg.train.checkpoint import load_model_state
+
+    with (run_dir / "metrics.csv").open() as handle:
+        logged = next(csv.DictReader(handle))
+    trainer = Trainer(load_config(DEBUG_YAML, overrides(shards_dir, scratch, "train.max_epochs=1")))
+    state = load_checkpoint(checkpoint_path(run_dir, "last"))
+    load_model_state(trainer.accelerator.unwrap_model(trainer.model), state["model"], "last.pt")
+    one_process = trainer.validate()
+    for key in ("val/loss", "val/mAP"):
+        assert float(logged[key]) == pytest.approx(one_process[key], rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.slow
@@ -143,7 +162,9 @@ def test_deepspeed_zero2_two_processes(shards_dir, tmp_path):
     run_dir = tmp_path / "run"
     done = _launch(launcher, shards_dir, run_dir, "train.max_epochs=1")
     _check_two_rank_run(done, run_dir)
-    assert (run_dir / "checkpoints" / "deepspeed").is_dir()
+    # Its partitions sit in the one step-tagged folder that last.pt names, and nothing is left half-written.
+    named = load_checkpoint(checkpoint_path(run_dir, "last"))[deepspeed_state.DEEPSPEED_KEY]
+    assert [p.name for p in deepspeed_state.run_folders(run_dir / "checkpoints")] == [named]
 
 
 def test_channels_last_and_gradient_accumulation_run(shards_dir, tmp_path):
