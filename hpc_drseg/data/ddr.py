@@ -1,5 +1,6 @@
 """Reader for the official DDR lesion-segmentation layout (Li et al. 2019), real or synthetic: finds and validates
-the image/mask files of a split and reads one sample as an RGB image plus four binary masks in LESIONS order.
+the image/mask files of a split and reads one sample as an RGB image plus four binary masks in LESIONS order. The
+sample reading (read_sample) is shared by every layout (data/layouts.py).
 
 Layout: `[DDR-dataset/]lesion_segmentation/{train,valid,test}/image/<id>.jpg` + `.../label/{EX,HE,MA,SE}/<id>.tif`.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,11 +30,15 @@ _MAX_LISTED = 5  # file names quoted in one error message
 
 @dataclass(frozen=True)
 class SampleFiles:
-    """The files of one DDR sample: image path and one mask path per lesion (None = no mask file)."""
+    """The files of one sample: image path and one mask path per lesion (None = no mask file)."""
 
     id: str
     image: Path
     masks: dict[str, Optional[Path]]
+    absent_is_empty: bool = False
+    """A None mask means the image has none of that lesion (IDRiD omits such files), not a missing file."""
+    strict_values: bool = False
+    """Masks must hold 0/255 or 0/1 only (anything else is an error naming the file); else non-binary is binarised."""
 
 
 class DDRSample(NamedTuple):
@@ -159,8 +164,9 @@ def _rgb8(img: Image.Image) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=2)
 
 
-def read_mask(path: Path) -> tuple[np.ndarray, bool]:
-    """(H, W) uint8 0/1 (any value > 0, in any channel, is lesion) and whether the file was non-binary."""
+def read_mask(path: Path, strict_values: bool = False) -> tuple[np.ndarray, bool]:
+    """(H, W) uint8 0/1 (any value > 0, in any channel, is lesion) and whether the file was non-binary. With
+    `strict_values` a mask must hold 0/255 or 0/1 only; anything else is an error naming the file."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -171,7 +177,19 @@ def read_mask(path: Path) -> tuple[np.ndarray, bool]:
         values = values.max(axis=2)
     lesion = values > 0
     on_values = values[lesion]
-    return lesion.view(np.uint8), bool(on_values.size) and on_values.min() != on_values.max()
+    non_binary = bool(on_values.size) and on_values.min() != on_values.max()
+    if strict_values and on_values.size and (non_binary or on_values.max() not in (1, 255)):
+        raise InputError(
+            f"mask {path} holds values {_value_listing(values)}; a mask must hold 0/255 or 0/1 only: re-export it as "
+            "a binary mask"
+        )
+    return lesion.view(np.uint8), non_binary
+
+
+def _value_listing(values: np.ndarray, shown: int = 6) -> str:
+    distinct = np.unique(values)
+    text = ", ".join(str(v) for v in distinct[:shown].tolist())
+    return text + (f", … ({len(distinct)} distinct)" if len(distinct) > shown else "")
 
 
 def read_sample(files: SampleFiles, allow_missing_masks: bool = False) -> DDRSample:
@@ -182,6 +200,8 @@ def read_sample(files: SampleFiles, allow_missing_masks: bool = False) -> DDRSam
     missing, non_binary = [], []
     for channel, lesion in enumerate(LESIONS):
         path = files.masks.get(lesion)
+        if path is None and files.absent_is_empty:
+            continue  # the dataset's way of saying "none of this lesion": zeros, not a missing file
         if path is None:
             if not allow_missing_masks:
                 raise MissingError(
@@ -190,7 +210,7 @@ def read_sample(files: SampleFiles, allow_missing_masks: bool = False) -> DDRSam
                 )
             missing.append(lesion)
             continue
-        mask, is_non_binary = read_mask(path)
+        mask, is_non_binary = read_mask(path, files.strict_values)
         if mask.shape != (height, width):
             raise InputError(
                 f"mask {path} is {mask.shape[1]}×{mask.shape[0]} but its image {files.image} is {width}×{height}; "
@@ -200,3 +220,27 @@ def read_sample(files: SampleFiles, allow_missing_masks: bool = False) -> DDRSam
         if is_non_binary:
             non_binary.append(lesion)
     return DDRSample(files.id, image, masks, tuple(missing), tuple(non_binary))
+
+
+class DDRReader:
+    """The DDR layout behind the reader interface of data/layouts.py; nothing is read before splits()/samples()."""
+
+    layout = "ddr"
+    dataset = "DDR"
+    root_option = "--ddr-root"
+
+    def __init__(self, root: str | Path, allow_missing_masks: bool = False) -> None:
+        self.root, self.allow_missing_masks = Path(root), allow_missing_masks
+
+    @property
+    def source(self) -> Path:
+        return resolve_root(self.root)
+
+    def splits(self) -> list[str]:
+        return available_splits(self.root)
+
+    def samples(self, split: str) -> list[SampleFiles]:
+        return find_samples(self.root, split, self.allow_missing_masks)
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {}

@@ -1,6 +1,6 @@
-"""`drseg shard`: converts a DDR tree (real or synthetic) into WebDataset tar shards plus manifest.json, atomically,
-never over its own input and replacing only a previous output of the same command. Sample encoding: encoding.py;
-resize rules: resize.py; reading shards back: manifest.py.
+"""`drseg shard`: converts a DDR tree (real or synthetic), or another layout's dataset (data/layouts.py), into
+WebDataset tar shards plus manifest.json, atomically, never over its own input and replacing only a previous output of
+the same command. Sample encoding: encoding.py; resize rules: resize.py; reading shards back: manifest.py.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import re
 import shutil
 import tarfile
@@ -31,8 +32,9 @@ from hpc_drseg.atomic import (
 )
 from hpc_drseg.config.choices import IMAGE_CODECS, MASK_RESIZE_RULES
 from hpc_drseg.constants import LESIONS, SPLITS
-from hpc_drseg.data.ddr import SampleFiles, available_splits, find_samples, resolve_root
+from hpc_drseg.data.ddr import DDRReader, SampleFiles
 from hpc_drseg.data.encoding import ENCODING, NATIVE_SPLITS, EncodedSample, encode_job
+from hpc_drseg.data.layouts import Reader
 from hpc_drseg.data.manifest import FORMAT, MANIFEST
 from hpc_drseg.data.resize import MASK_RESIZE_DESCRIPTIONS
 from hpc_drseg.errors import InputError
@@ -117,9 +119,9 @@ class _Options(NamedTuple):
     mask_resize: str
 
 
-def _collect(ddr_root: Path, allow_missing_masks: bool) -> dict[str, list[SampleFiles]]:
+def _collect(reader: Reader) -> dict[str, list[SampleFiles]]:
     """Lists and validates every split before anything is written, so layout errors cost no work."""
-    samples = {split: find_samples(ddr_root, split, allow_missing_masks) for split in available_splits(ddr_root)}
+    samples = {split: reader.samples(split) for split in reader.splits()}
     for files in (f for split_files in samples.values() for f in split_files):
         if "." in files.id:
             raise InputError(
@@ -166,7 +168,7 @@ def _not_shards_reason(folder: Path) -> Optional[str]:
 
 
 def write_shards(
-    ddr_root: str | Path,
+    ddr_root: str | Path | Reader,
     out: str | Path,
     image_px: int = 512,
     overwrite: bool = False,
@@ -177,7 +179,8 @@ def write_shards(
     image_codec: str = "png",
     mask_resize: str = MASK_RESIZE_RULES[0],
 ) -> dict[str, Any]:
-    """Writes `{split}-NNNNNN.tar` shards and manifest.json for every split of the DDR tree; returns the manifest.
+    """Writes `{split}-NNNNNN.tar` shards and manifest.json for every split of the DDR tree, or of the dataset a
+    Reader of data/layouts.py gives as `ddr_root`; returns the manifest.
 
     The output appears all at once (written into a temporary sibling folder, synced, then renamed) or not at all.
     `out` may not be, contain or lie inside `ddr_root`; an existing `out` is replaced only with overwrite=True, and
@@ -189,11 +192,12 @@ def write_shards(
     errors (ddr.find_samples) are raised before any image is read.
     """
     _check_args(image_px, samples_per_shard, image_codec, mask_resize)
-    refuse_overlap(out, ddr_root, "--ddr-root")  # named as the user gave them; compared with symlinks resolved
+    reader = DDRReader(ddr_root, allow_missing_masks) if isinstance(ddr_root, (str, os.PathLike)) else ddr_root
+    refuse_overlap(out, reader.root, reader.root_option)  # named as the user gave them; compared with symlinks resolved
     out = output_path(out)
     check_replaceable_output(out, overwrite, _not_shards_reason, "a shard folder written by drseg shard")
-    base = resolve_root(ddr_root)
-    samples = _collect(base, allow_missing_masks)
+    base = reader.source
+    samples = _collect(reader)
     if "train" not in samples:
         log.warning("%s has no train split: these shards can be scored (drseg eval) but not trained on", base)
     total = sum(len(files) for files in samples.values())
@@ -206,6 +210,7 @@ def write_shards(
     try:
         tmp = make_temporary_folder(out)
         manifest = _manifest_header(base, image_px, samples_per_shard, image_codec, mask_resize)
+        manifest.update(layout=reader.layout, dataset=reader.dataset, **reader.manifest_fields())
         with tqdm(total=total, desc=f"shard {out.name}", unit="img", disable=not progress) as bar:
             for split, files in samples.items():
                 manifest["splits"][split] = _write_split(tmp, split, files, options, bar)

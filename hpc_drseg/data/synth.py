@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -115,18 +115,20 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process already fills the cores; OpenCV's own threads would oversubscribe
 
 
-def _run(samples: list[_Sample], workers: int, progress: bool) -> None:
-    with tqdm(total=len(samples), desc="synth DDR", unit="img", file=sys.stderr, disable=not progress) as bar:
+def run_jobs(samples: list, make: Callable[[list], int], workers: int, progress: bool, desc: str = "synth DDR") -> None:
+    """Calls `make` (a module-level function: it crosses a process boundary) on chunks of `samples` in `workers`
+    processes; `make` returns the samples it wrote, for the progress bar."""
+    with tqdm(total=len(samples), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
         if workers <= 1:
             for sample in samples:
-                bar.update(_make_samples([sample]))
+                bar.update(make([sample]))
             return
         # Small chunks: few inter-process round trips for small images, yet a smooth progress bar and balanced load.
         size = max(1, min(8, len(samples) // (8 * workers)))
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
         # spawn, not fork: the caller may hold threads (torch, OpenCV) that a forked child would inherit locked.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-            futures = [pool.submit(_make_samples, chunk) for chunk in chunks]
+            futures = [pool.submit(make, chunk) for chunk in chunks]
             try:
                 for future in as_completed(futures):
                     bar.update(future.result())
@@ -136,8 +138,10 @@ def _run(samples: list[_Sample], workers: int, progress: bool) -> None:
                 raise
 
 
-def _check_args(counts: Mapping[str, int] | None, size_px: int, seed: int, workers: int | None) -> dict[str, int]:
-    counts = dict(DDR_COUNTS if counts is None else counts)
+def check_args(
+    counts: Mapping[str, int] | None, size_px: int, seed: int, workers: int | None, default=DDR_COUNTS
+) -> dict[str, int]:
+    counts = dict(default if counts is None else counts)
     unknown = sorted(set(counts) - set(SPLITS))
     if unknown:
         raise InputError(f"counts: unknown split(s) {unknown}; use {list(SPLITS)}")
@@ -158,6 +162,12 @@ def _check_args(counts: Mapping[str, int] | None, size_px: int, seed: int, worke
 def _not_synth_reason(folder: Path) -> str | None:
     """Why `folder` is not a previous output of write_synthetic_ddr (None if it is one, or empty): it must hold
     MARKER and otherwise only the DDR layout's folders, .jpg images and .tif/.png masks, no symlinks."""
+    return not_synth_reason(folder, _WRITTEN)
+
+
+def not_synth_reason(folder: Path, written: re.Pattern[str]) -> str | None:
+    """Why `folder` is not a tree of `drseg synth` (None if it is one, or empty): MARKER, and otherwise only relative
+    paths that `written` matches in full, no symlinks."""
     if not any(folder.iterdir()):
         return None
     try:
@@ -170,14 +180,16 @@ def _not_synth_reason(folder: Path) -> str | None:
         for name in dirs + files:
             path = Path(root, name)
             relative = path.relative_to(folder).as_posix()
-            if path.is_symlink() or not (relative == MARKER or _WRITTEN.fullmatch(relative)):
+            if path.is_symlink() or not (relative == MARKER or written.fullmatch(relative)):
                 return f"it holds {relative}, which drseg synth does not write"
     return None
 
 
-def _write_marker(root: Path, counts: Mapping[str, int], size_px: int, seed: int) -> None:
+def _write_marker(root: Path, counts: Mapping[str, int], size_px: int, seed: int, layout: str = "ddr") -> None:
     marker = {"tool": "hpc_drseg", "command": "synth", "version": __version__}
     marker.update(counts=dict(counts), size_px=size_px, seed=seed)
+    if layout != "ddr":  # DDR trees keep the marker they always had
+        marker["layout"] = layout
     (root / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
 
@@ -199,7 +211,7 @@ def write_synthetic_ddr(
     a file, a symlink or a folder of other files). Temporaries of `out` left by a killed earlier run are removed
     first; a full disk raises NoSpaceError.
     """
-    counts = _check_args(counts, size_px, seed, workers)
+    counts = check_args(counts, size_px, seed, workers)
     target = output_path(out)
     check_replaceable_output(target, overwrite, _not_synth_reason, "a tree written by drseg synth")
     remove_stale_temporaries(target)
@@ -210,7 +222,7 @@ def write_synthetic_ddr(
             for sub in ("image", *(f"label/{lesion}" for lesion in LESIONS)):
                 (tmp / SUBSET_DIR / split / sub).mkdir(parents=True)
         samples = _plan(tmp, counts, size_px, seed)
-        _run(samples, min(workers or usable_cores(), len(samples)), progress)
+        run_jobs(samples, _make_samples, min(workers or usable_cores(), len(samples)), progress)
         _write_marker(tmp, counts, size_px, seed)
         replace_folder(tmp, target)  # fsyncs every image and mask first
     except BaseException as exc:

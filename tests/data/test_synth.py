@@ -360,3 +360,25 @@ def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict, message: 
     with pytest.raises(ValueError, match=message):
         write_synthetic_ddr(tmp_path / "ddr", progress=False, **kwargs)
     assert not (tmp_path / "ddr").exists() and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ IDRiD layout
+def test_idrid_layout_same_seed_same_files_and_overwrite_only_its_own_trees(tmp_path: Path) -> None:
+    from hpc_drseg.data.synth_idrid import write_synthetic_idrid
+
+    one = write_synthetic_idrid(tmp_path / "one", {"train": 2, "test": 1}, 96, seed=5, progress=False, workers=1)
+    two = write_synthetic_idrid(tmp_path / "two", {"train": 2, "test": 1}, 96, seed=5, progress=False, workers=2)
+    assert _snapshot(one) == _snapshot(two)
+    assert json.loads((one / synth.MARKER).read_text())["layout"] == "idrid"
+    again = write_synthetic_idrid(one, {"train": 1}, 96, seed=6, overwrite=True, progress=False, workers=1)
+    assert sorted(p.name for p in again.rglob("*.jpg")) == ["IDRiD_01.jpg"]
+    ddr = write_synthetic_ddr(tmp_path / "ddr", {"test": 1}, 96, progress=False, workers=1)
+    with pytest.raises(FileExistsError, match="it holds lesion_segmentation, which drseg synth does not write"):
+        write_synthetic_idrid(ddr, {"train": 1}, 96, overwrite=True, progress=False, workers=1)
+
+
+def test_idrid_layout_has_no_valid_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hpc_drseg.cli import main
+
+    assert main(["synth", "--layout", "idrid", "--out", str(tmp_path / "i"), "--valid", "3", "--quiet"]) == 2
+    assert "IDRiD has no validation set" in capsys.readouterr().err and not (tmp_path / "i").exists()
