@@ -347,6 +347,33 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hpc_drseg.export import OnnxMismatchError, export_model, format_checks
+
+    try:
+        result = export_model(args.checkpoint, args.out, args.format, overwrite=args.overwrite, check=not args.no_check)
+    except OnnxMismatchError as exc:  # not a user error (exit 2) but a failed check: the figure, exit 1
+        print(f"drseg export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.format}: {result.out} (description: {result.sidecar})")
+    if result.checks:
+        print(f"onnxruntime vs PyTorch: max |Δlogit| {format_checks(result.checks)}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from hpc_drseg.export import EXPORT_FORMATS
+
+    p = _command(sub, "export", cmd_export, help="a checkpoint as safetensors or ONNX, with a JSON description")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (RUN/checkpoints/best.pt)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="safetensors (weights) or onnx (graph)")
+    p.add_argument("--out", required=True, help="file to write (*.safetensors / *.onnx); OUT.json is written beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the checkpoint)")
+    p.add_argument("--no-check", action="store_true", help="onnx: skip the ONNX Runtime vs PyTorch comparison")
+
+
 # ------------------------------------------------------------------------------------------------------ bench
 def cmd_bench_data(args: argparse.Namespace) -> int:
     from hpc_drseg.data.bench import benchmark_data, format_table
@@ -543,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_synth, _add_shard, _add_config, _add_info, _add_train, _add_eval, _add_report, _add_predict):
         add(sub)
+    _add_export(sub)
     _add_bench(sub)
     _add_sweep(sub)
     return parser
