@@ -42,6 +42,10 @@ BOUNDARY_MODES: tuple[str, ...] = get_args(BoundaryMode)
 Precision = Literal["no", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
+# torch.compile modes (reduce-overhead uses CUDA graphs; max-autotune also searches kernel configurations).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+
 MonitorMode = Literal["max", "min"]
 MONITOR_MODES: tuple[str, ...] = get_args(MonitorMode)
 

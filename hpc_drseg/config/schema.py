@@ -18,6 +18,7 @@ from hpc_drseg.config.choices import (
     BoundaryMode,
     CBAMImpl,
     CBAMSite,
+    CompileMode,
     EvalProtocol,
     ModelInit,
     ModelName,
@@ -265,18 +266,25 @@ class TrainConfig:
     channels_last: bool = False
     """Use the channels-last memory format (faster with mixed precision on GPUs and recent CPUs)."""
     compile: bool = False
-    """Wrap the model in torch.compile."""
+    """Compile the training forward with torch.compile (after DDP/DeepSpeed wrapping; validation runs eagerly)."""
+    compile_mode: CompileMode = "default"
+    """torch.compile mode when train.compile is on: default, reduce-overhead (CUDA graphs) or max-autotune."""
+    sync_bn: bool = False
+    """SyncBatchNorm on multi-GPU runs: exact batch statistics over the global batch at ~2 blocking collectives per
+    BatchNorm layer per step. Worth it below ~16 images per GPU; off, each GPU normalises with its own batch."""
     debug: bool = False
     """Single-process debug mode: deterministic, anomaly detection, shapes and timings logged, no compile."""
     checkpoint_every_steps: int = 0
-    """Also write last.pt every N steps (0 = only at the end of each epoch)."""
+    """Also write last.pt every N steps (0 = only at the end of epochs: see checkpoint_every_epochs)."""
+    checkpoint_every_epochs: int = 1
+    """Write last.pt at the end of every N-th epoch (and always at the last one, and when stopped)."""
     log_every_steps: int = 10
     """Progress-bar and TensorBoard scalar period."""
     cpu: bool = False
     """Force CPU even when CUDA is present."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "max_epochs", "log_every_steps"):
+        for name in ("batch_size", "grad_accum_steps", "max_epochs", "log_every_steps", "checkpoint_every_epochs"):
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("seed", "max_steps", "steps_per_epoch", "early_stop_patience", "checkpoint_every_steps"):
             check_range(f"train.{name}", getattr(self, name), 0, 10**12)

@@ -179,6 +179,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.early_stop_patience",
         "train.log_every_steps",  # progress bar and TensorBoard period only
         "train.checkpoint_every_steps",  # how often last.pt is written; resume is exact from any of them
+        "train.checkpoint_every_epochs",  # likewise
         "data.num_workers",  # the loader yields the same batches, augmented alike, for any worker count
         "data.test_split",  # read by drseg eval only, never by training
         "eval.split",  # likewise (and by sweeps to pick the reported split)

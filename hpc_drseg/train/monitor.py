@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from hpc_drseg.config.choices import MONITOR_MODES
 
 # torch.optim.lr_scheduler.ReduceLROnPlateau's defaults, which the paper's code used: an epoch counts as an
@@ -120,3 +122,38 @@ class TrainingMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best.state = BestState(**state["best"])
         self.plateau.state = PlateauState(**state["plateau"])
+
+
+class LossWatch:
+    """Non-finite losses, noticed without a host round trip per step.
+
+    Each step only records, on the device, whether its loss was finite (and, on the host, its step and sample ids);
+    `check` brings a whole window to the host at once, so the steady state never waits on the GPU for it. A NaN is
+    then found up to one window late (its weights are not checkpointed: every save checks first), naming the first
+    bad step and its samples.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self._finite: list[torch.Tensor] = []
+        self._steps: list[tuple[int, list[str]]] = []
+
+    def record(self, loss: torch.Tensor, step: int, ids: list[str]) -> None:
+        self._finite.append(torch.isfinite(loss.detach()))
+        self._steps.append((step, ids))
+
+    def check(self, epoch: int) -> None:
+        """Raises FloatingPointError naming the first non-finite step of the window; empties the window."""
+        if not self._finite:
+            return
+        finite = torch.stack(self._finite).cpu()  # the window's one host round trip
+        steps, self._finite, self._steps = self._steps, [], []
+        bad = (~finite).nonzero()
+        if not len(bad):
+            return
+        step, ids = steps[int(bad[0])]
+        raise FloatingPointError(
+            f"non-finite loss at epoch {epoch} step {step} (rank {self.rank}; {len(bad)} of steps "
+            f"{steps[0][0]}-{steps[-1][0]} were); samples: {', '.join(ids)}. Lower optim.lr, use train.precision=no, "
+            "or run with train.debug=true to find the operation"
+        )

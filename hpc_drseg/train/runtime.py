@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hpc_drseg.config import TrainConfig
+from hpc_drseg.config import OptimConfig, TrainConfig
 from hpc_drseg.errors import InputError
 
 if TYPE_CHECKING:
@@ -35,10 +35,12 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     on_cpu = cfg.cpu or not torch.cuda.is_available()
     if cfg.precision == "fp16" and on_cpu:
         raise InputError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 (or no) on CPU")
-    handlers = []
+    handlers: list[Any] = []
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or uses_deepspeed()
     if on_cpu and launched:  # a lone process without rendezvous variables must not ask for a process group
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    if launched and not uses_deepspeed():
+        handlers.append(ddp_options(cfg))
     kwargs = dict(
         mixed_precision=cfg.precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -47,6 +49,34 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     if not uses_deepspeed():
         kwargs["cpu"] = on_cpu
     return Accelerator(**kwargs)
+
+
+def ddp_options(cfg: TrainConfig) -> Any:
+    """DDP as it is meant to be used: gradients as views of the communication buckets (no copy into them), and a
+    static graph (the models use every parameter in every step, so DDP can plan its bucket reductions once and
+    overlap them with backward) except under gradient accumulation, whose no_sync steps a static graph does not
+    cover."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return DistributedDataParallelKwargs(gradient_as_bucket_view=True, static_graph=cfg.grad_accum_steps == 1)
+
+
+def tune_cuda(cfg: TrainConfig) -> None:
+    """cuDNN picks the fastest convolution algorithms for the (fixed) training shapes; debug mode keeps them
+    deterministic instead."""
+    if torch.cuda.is_available() and not cfg.cpu and not cfg.debug:
+        torch.backends.cudnn.benchmark = True
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam; on CUDA the fused implementation (one kernel for all parameters, the same update)."""
+    return torch.optim.Adam(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
 
 
 def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:

@@ -32,10 +32,11 @@ from hpc_drseg.models import build_model, check_initialisation, split_output
 from hpc_drseg.train.checkpoint import Checkpointer, Progress, record_config_changes
 from hpc_drseg.train.lock import lock_on_rank_0
 from hpc_drseg.train.logs import RunLogger
-from hpc_drseg.train.monitor import BestTracker, LRPlateau, TrainingMonitor
+from hpc_drseg.train.monitor import BestTracker, LossWatch, LRPlateau, TrainingMonitor
 from hpc_drseg.train.preflight import check_image_size, check_split
 from hpc_drseg.train.runtime import (
     build_accelerator,
+    build_optimizer,
     check_replicas,
     configure_deepspeed,
     model_input_dtype,
@@ -43,6 +44,8 @@ from hpc_drseg.train.runtime import (
     set_debug_mode,
     shut_down,
     sync_buffers,
+    tune_cuda,
+    uses_deepspeed,
 )
 from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag, die_with_launcher
 from hpc_drseg.train.validate import collect_metrics, eval_loader, flatten_results
@@ -145,6 +148,7 @@ class Trainer:
         self._sums: dict[str, torch.Tensor] = {}  # this epoch's loss sums on this rank (run_epoch)
         self._steps_done = 0
         self._build_objects()
+        self.loss_watch = LossWatch(self.rank)
         self.checkpointer: Optional[Checkpointer] = None  # made by fit() once the run folder is locked
         self.logger = RunLogger(self.run_dir, enabled=False, history=self.progress.history)  # fit() opens the real one
 
@@ -156,18 +160,16 @@ class Trainer:
         # Adam's second moments of tiny gradients underflow into denormals, which run ~100x slower on x86 CPUs.
         torch.set_flush_denormal(True)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        tune_cuda(cfg.train)
         model = build_model(cfg.model)
-        if acc.device.type == "cuda" and self.world > 1:
+        if acc.device.type == "cuda" and self.world > 1 and cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # gloo/CPU has no SyncBatchNorm kernels
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-        )
+        optimizer = build_optimizer(model, cfg.optim, acc.device)
         configure_deepspeed(acc, cfg.train)
-        if cfg.train.compile and not cfg.train.debug:
-            model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.forward = self._compiled_forward()
         self.loss_fn = build_loss(cfg.loss).to(acc.device)
         self.monitor = TrainingMonitor(
             best=BestTracker(cfg.train.monitor_mode, cfg.train.early_stop_patience),
@@ -183,6 +185,19 @@ class Trainer:
         self.augment = build_augment(cfg.data.augment, cfg.data.image_px)
         self.steps = self._steps_per_epoch()
         seed_everything(cfg.train.seed * 1000 + self.rank)  # dropout differs per rank, reproducibly
+
+    def _compiled_forward(self) -> torch.nn.Module:
+        """The module training steps call. Compiled after DDP wrapping, so Dynamo splits the graph at DDP's bucket
+        boundaries and gradient communication overlaps backward; validation and checkpoints use the eager module
+        (no recompilation for eval mode or other batch sizes). DeepSpeed's engine is not traceable: its inner
+        module is compiled in place instead."""
+        cfg = self.cfg.train
+        if not cfg.compile or cfg.debug:
+            return self.model
+        if uses_deepspeed():
+            self.model.module.compile(mode=cfg.compile_mode)
+            return self.model
+        return torch.compile(self.model, mode=cfg.compile_mode)
 
     def _steps_per_epoch(self) -> int:
         """Batches per rank per epoch: train.steps_per_epoch if set (the loader then cuts the epoch's permutation
@@ -211,26 +226,21 @@ class Trainer:
         if self.cfg.train.debug and self.progress.global_step == 0:
             log.info("debug: image %s %s, mask %s %s", tuple(image.shape), image.dtype, tuple(mask.shape), mask.dtype)
         with self.accelerator.accumulate(self.model):
-            logits, aux = split_output(self.model(image))
+            logits, aux = split_output(self.forward(image))
             loss, terms = self.loss_fn(logits, mask, aux)
-            self._check_finite(loss, batch)
+            self.loss_watch.record(loss, self.progress.global_step, batch.ids)
             self.accelerator.backward(loss)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return terms
 
-    def _check_finite(self, loss: torch.Tensor, batch: Batch) -> None:
-        if not torch.isfinite(loss.detach()).item():
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at epoch {self.progress.epoch} step {self.progress.global_step} "
-                f"(rank {self.rank}); samples: {', '.join(batch.ids)}. Lower optim.lr, use train.precision=no, "
-                "or run with train.debug=true to find the operation"
-            )
-
-    def _stop_requested(self) -> bool:
-        """All ranks agree, so they stop after the same step."""
+    def _stop_requested(self, now: bool = False) -> bool:
+        """All ranks agree, so they stop after the same step. Agreeing takes a collective and a host round trip, so
+        ranks ask each other only once per train.log_every_steps (or `now`); a lone process asks its flag every step."""
         if self.world == 1:
             return self.stop.requested
+        if not now and self.progress.global_step % self.cfg.train.log_every_steps:
+            return False
         flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, "sum").item() > 0)
 
@@ -301,6 +311,7 @@ class Trainer:
     def _save_last(self) -> None:
         """last.pt with this epoch's loss sums so far (their mean across ranks: the epoch's train/* is a mean across
         ranks too, so resuming every rank from it gives the same row)."""
+        self.loss_watch.check(self.progress.epoch)  # never checkpoint weights a non-finite loss went into
         self.progress.train_sums = {k: self._mean_across_ranks(v, 1) for k, v in self._sums.items()}
         self.progress.train_steps = self._steps_done
         self.checkpointer.save_last(self.progress)
@@ -308,6 +319,7 @@ class Trainer:
     def _after_step(self, terms: dict[str, torch.Tensor], bar: Any, img_per_s: float) -> None:
         every = self.cfg.train.log_every_steps
         if self.progress.global_step % every == 0:
+            self.loss_watch.check(self.progress.epoch)
             self.logger.step_scalars(self.progress.global_step, terms, self.lr, img_per_s, bar)
         else:
             bar.update(1)
@@ -316,7 +328,8 @@ class Trainer:
             self._save_last()
 
     def _early_stop(self) -> Optional[Stop]:
-        if self._stop_requested():
+        # At an epoch's last step the ranks agree whatever the period: a signal must not wait out a validation.
+        if self._stop_requested(now=self.progress.step_in_epoch == self.steps):
             return Stop.signal(self.stop.signal_name)
         max_steps = self.cfg.train.max_steps
         if max_steps and self.progress.global_step >= max_steps:
@@ -334,7 +347,7 @@ class Trainer:
         # do not depend on the number of ranks, nor change on resume (which loads rank 0's).
         sync_buffers(self.accelerator, self.model)
         loader = eval_loader(cfg, cfg.data.val_split, self.accelerator, with_native=False)
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         paper, standard, loss = collect_metrics(
             self.accelerator, model, loader, cfg, native=False, loss_fn=self.loss_fn
         )
@@ -351,6 +364,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, stats: EpochStats) -> None:
         """Validates, steps the monitor (LR, early stopping), appends the history row and checkpoints."""
+        self.loss_watch.check(epoch)
         metrics = self.validate()
         self.monitor.update(metrics, epoch)
         self._apply_lr()
@@ -389,7 +403,7 @@ class Trainer:
         self.stop.install()
         try:
             # A signal that came while the model and process group were built: leave before writing anything.
-            stop = Stop.signal(self.stop.signal_name) if self._stop_requested() else self._fit_locked()
+            stop = Stop.signal(self.stop.signal_name) if self._stop_requested(now=True) else self._fit_locked()
         finally:
             if installed_here:
                 self.stop.uninstall()
@@ -409,7 +423,7 @@ class Trainer:
             self._start()
             self.logger = RunLogger(self.run_dir, enabled=self.is_main, history=self.progress.history)
             # A signal during the resume: last.pt is as consistent as it was, so stop before step 0.
-            stop = Stop.signal(self.stop.signal_name) if self._stop_requested() else self._loop()
+            stop = Stop.signal(self.stop.signal_name) if self._stop_requested(now=True) else self._loop()
             check_replicas(self.accelerator, self.model)
         finally:
             self.logger.close()
