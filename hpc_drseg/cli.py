@@ -275,40 +275,80 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _eval_checkpoint_file(args: argparse.Namespace) -> Path:
+    """The checkpoint of the `--out` form: --checkpoint FILE, or best/last/auto of --run."""
+    from hpc_drseg.evaluate import resolve_checkpoint
+
+    if args.shards is None:
+        raise InputError("drseg eval --out DIR needs --shards DIR (the shard folder to score, e.g. IDRiD's)")
+    if args.run is not None:
+        return resolve_checkpoint(Path(args.run), args.checkpoint or "auto")
+    if args.checkpoint in (None, *CHECKPOINT_CHOICES):
+        raise InputError("drseg eval: give --run RUN, or --checkpoint FILE --shards DIR --out DIR")
+    return Path(args.checkpoint)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hpc_drseg.evaluate import evaluate_run
+    from hpc_drseg.evaluate import evaluate_checkpoint, evaluate_run
     from hpc_drseg.report import write_run_report
 
     _setup_logging()
-    result = evaluate_run(
-        args.run, split=args.split, protocol=args.protocol, which=args.checkpoint, overrides=args.overrides
-    )
+    if args.out is not None:
+        checkpoint = _eval_checkpoint_file(args)
+        report_dir = Path(args.out)
+        result = evaluate_checkpoint(checkpoint, args.shards, report_dir, args.split, args.protocol, args.overrides)
+    elif args.run is None or args.shards is not None or args.checkpoint not in (None, *CHECKPOINT_CHOICES):
+        raise InputError(
+            "drseg eval: give --run RUN [--checkpoint best|last], or --checkpoint FILE (or --run RUN) --shards DIR "
+            "--out DIR to score a checkpoint on any shard set"
+        )
+    else:
+        report_dir, which = Path(args.run), args.checkpoint or "auto"
+        result = evaluate_run(args.run, split=args.split, protocol=args.protocol, which=which, overrides=args.overrides)
     if _is_main_process():
+        print(f"dataset {result['dataset']}, split {args.split}, checkpoint {result['checkpoint']}")
         for name, metrics in result["protocols"].items():
             print(f"{name:>8} protocol: mAP {_fmt(metrics['mAP'])}  mIoU {_fmt(metrics['mIoU'])}")
-        print(f"report: {write_run_report(Path(args.run))}")
+        print(f"report: {write_run_report(report_dir)}")
     return 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "eval", cmd_eval, help="score a run with the paper and standard protocols, write its report")
+    p = _command(
+        sub,
+        "eval",
+        cmd_eval,
+        help="score a run, or any checkpoint on any shard set, with the paper and standard protocols; write a report",
+    )
     p.add_argument(
         "--run",
         "--run-dir",
         dest="run",
-        required=True,
+        default=None,
         help="run directory made by drseg train (under torchrun use --run-dir: torchrun reads --run as --run-path)",
     )
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--protocol", default="both", choices=EVAL_PROTOCOLS, help="default both")
-    p.add_argument("--checkpoint", default="auto", choices=CHECKPOINT_CHOICES, help="default: best, else last")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"with --run: one of {', '.join(CHECKPOINT_CHOICES)} (default auto: best, else last); or a checkpoint "
+        "file, scored with --shards and --out",
+    )
+    p.add_argument("--shards", default=None, help="with --out: the shard folder to score (any dataset)")
+    p.add_argument(
+        "--out", default=None, help="score the checkpoint on --shards into this folder (eval json, config, report)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the run's config (e.g. data.*)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hpc_drseg.report import compare_runs, write_run_report
+    from hpc_drseg.compare import compare_datasets, compare_runs
+    from hpc_drseg.report import write_run_report
 
-    if len(args.runs) == 1 and args.out is None:
+    if args.datasets:
+        print(compare_datasets([Path(r) for r in args.runs], Path(args.out) if args.out else None, split=args.split))
+    elif len(args.runs) == 1 and args.out is None:
         print(f"report: {write_run_report(Path(args.runs[0]))}")
     else:
         print(compare_runs([Path(r) for r in args.runs], Path(args.out) if args.out else None, split=args.split))
@@ -316,9 +356,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "report", cmd_report, help="Table I report of one run, or several runs side by side")
-    p.add_argument("runs", nargs="+", help="run directories (with eval_*.json from drseg eval)")
+    p = _command(sub, "report", cmd_report, help="Table I report of one run, or several runs or datasets side by side")
+    p.add_argument("runs", nargs="+", help="run directories or drseg eval --out folders (with eval_*.json)")
     p.add_argument("--out", default=None, help="write the side-by-side table here (.md, and .csv beside it)")
+    p.add_argument(
+        "--datasets",
+        action="store_true",
+        help="set the evaluations side by side per dataset (per-lesion AP/IoU columns per dataset), e.g. DDR-test "
+        "and IDRiD-test of one checkpoint",
+    )
     p.add_argument("--split", default="test", help="split to compare (default test)")
 
 

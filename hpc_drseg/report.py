@@ -1,5 +1,6 @@
 """`drseg report`: Table I of Jithesh et al. (ICMLA 2025) from RUN/eval_<split>.json for both evaluation protocols,
-beside the paper's reported numbers; PR-curve and training-curve plots; several runs compared side by side.
+beside the paper's reported numbers, naming the dataset scored and the checkpoint; PR-curve and training-curve plots.
+Several runs or datasets side by side: compare.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Optional
 from hpc_drseg.atomic import atomic_write_text, atomic_writer
 from hpc_drseg.config.yamlio import load_yaml
 from hpc_drseg.constants import LESION_COLOURS, LESION_NAMES, LESIONS
+from hpc_drseg.data.layouts import LEGACY_DATASET
 from hpc_drseg.errors import DrsegError, InputError, MissingError
 
 MODEL_LABELS = {"attention_deeplab": "Attention-DeepLab", "deeplabv3plus": "DeepLab-V3+", "unet": "U-Net"}
@@ -57,10 +59,11 @@ def load_evals(run_dir: Path) -> dict[str, dict[str, Any]]:
     paths = sorted(run_dir.glob("eval_*.json"), key=lambda p: (p.stem != "eval_test", p.stem))
     if not paths:
         raise MissingError(f"no eval_<split>.json in {run_dir}; run `drseg eval --run {run_dir}` first")
-    return {path.stem.removeprefix("eval_"): _read_json(path) for path in paths}
+    return {path.stem.removeprefix("eval_"): read_eval_json(path) for path in paths}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_eval_json(path: Path) -> dict[str, Any]:
+    """An eval_<split>.json of `drseg eval`, checked for its 'protocols' mapping."""
     try:
         content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -305,7 +308,7 @@ def write_run_report(run_dir: Path) -> Path:
     }
     sections = [
         _header_markdown(run_dir, name, model, evals),
-        *(_protocol_markdown(protocol, columns, bold_best_of=0) for protocol, columns in blocks.items()),
+        *(protocol_markdown(protocol, columns, bold_best_of=0) for protocol, columns in blocks.items()),
         _plots_markdown(run_dir, plots),
         _training_markdown(history, _run_config(run_dir).get("train") or {}),
     ]
@@ -325,15 +328,23 @@ def run_blocks(evals: dict[str, dict[str, Any]], model: Optional[str]) -> dict[s
     return blocks
 
 
-def _protocol_markdown(protocol: str, columns: dict[str, Optional[dict]], bold_best_of: int) -> str:
+def protocol_markdown(protocol: str, columns: dict[str, Optional[dict]], bold_best_of: int) -> str:
     table = markdown_table(protocol, columns, bold_best_of)
     return f"### {PROTOCOL_TITLES[protocol]}\n\n{PROTOCOL_NOTES[protocol]}\n\n{table}"
 
 
+def eval_dataset(content: dict[str, Any]) -> str:
+    """The dataset an eval json scored; evaluations written before it was recorded scored DDR shards."""
+    dataset = content.get("dataset")
+    return dataset if isinstance(dataset, str) and dataset else LEGACY_DATASET
+
+
 def _header_markdown(run_dir: Path, name: str, model: Optional[str], evals: dict[str, dict[str, Any]]) -> str:
     model_text = f"{MODEL_LABELS[model]} (`{model}`)" if model else "unknown (RUN/config.yaml missing or unreadable)"
+    checkpoint_only = any(content.get("run", "") is None for content in evals.values())  # drseg eval --out
+    datasets = ", ".join(dict.fromkeys(eval_dataset(content) for content in evals.values()))
     lines = [
-        f"# Run report: {name}",
+        f"# {'Evaluation' if checkpoint_only else 'Run'} report: {name} on {datasets}",
         "",
         f"- run: `{run_dir}`",
         f"- model: {model_text}",
@@ -341,9 +352,11 @@ def _header_markdown(run_dir: Path, name: str, model: Optional[str], evals: dict
         _mask_resize_line(run_dir),
     ]
     for split, content in evals.items():
+        trained_on = f", trained on {content['trained_on']}" if content.get("trained_on") else ""
+        checkpoint = content.get("checkpoint", "n/a")
         lines.append(
-            f"- split `{split}`: checkpoint `{content.get('checkpoint', 'n/a')}`, epoch {content.get('epoch', 'n/a')}, "
-            f"{content.get('processes', 'n/a')} process(es)"
+            f"- split `{split}` of dataset **{eval_dataset(content)}**: checkpoint `{checkpoint}` "
+            f"(epoch {content.get('epoch', 'n/a')}{trained_on}), {content.get('processes', 'n/a')} process(es)"
         )
     if not model:
         lines.append("- no paper Table I reference column: the model is unknown")
@@ -410,51 +423,3 @@ def _training_markdown(history: list[dict[str, float]], train_cfg: dict[str, Any
 
 def fmt_int(value: Any) -> str:
     return "n/a" if _is_missing(value) else str(int(value))
-
-
-# ------------------------------------------------------------------------------------------------ several runs
-def compare_runs(run_dirs: list[Path], out: Optional[Path] = None, split: str = "test") -> str:
-    """Table I with one column per run (run name + model) for both protocols, the paper's numbers for each model
-    present beside them; returns the markdown and, with `out`, writes it there and a .csv beside it."""
-    if not run_dirs:
-        raise InputError("compare_runs: give at least one run directory")
-    runs = {}
-    for run_dir in map(Path, run_dirs):
-        if run_dir in runs:
-            raise InputError(f"compare_runs: {run_dir} is given twice; list each run once")
-        path = run_dir / f"eval_{split}.json"
-        if not path.is_file():
-            raise MissingError(f"{path} not found; run `drseg eval --run {run_dir} --split {split}` first")
-        runs[run_dir] = (*run_identity(run_dir), _read_json(path))
-    labels = _run_labels(runs)
-    refs: dict[str, dict[str, Any]] = {}
-    for _, model, _ in runs.values():
-        refs.update(paper_reference(model))
-    blocks = {}
-    for protocol in PROTOCOLS:
-        columns = {labels[d]: content["protocols"].get(protocol) for d, (_, _, content) in runs.items()}
-        if any(columns.values()):
-            blocks[protocol] = {**columns, **(refs if protocol == "paper" else {})}
-    sections = [f"# Runs compared on split `{split}` (Table I layout; best run in bold)"]
-    sections += [_protocol_markdown(p, columns, bold_best_of=len(runs)) for p, columns in blocks.items()]
-    text = "\n\n".join(sections) + "\n"
-    if out is not None:
-        _write_comparison(Path(out), text, csv_text(blocks))
-    return text
-
-
-def _run_labels(runs: dict[Path, tuple[str, Optional[str], dict]]) -> dict[Path, str]:
-    """'name (Model)'; runs sharing a name are told apart by their folder path."""
-    names = [name for name, _, _ in runs.values()]
-    labels = {}
-    for run_dir, (name, model, _) in runs.items():
-        shown = name if names.count(name) == 1 else str(run_dir)
-        labels[run_dir] = f"{shown} ({MODEL_LABELS.get(model or '', 'unknown model')})"
-    return labels
-
-
-def _write_comparison(out: Path, markdown: str, table_csv: str) -> None:
-    if out.suffix.lower() == ".csv":
-        raise InputError(f"compare_runs: out={out} is the markdown file; give e.g. {out.with_suffix('.md')}")
-    atomic_write_text(out, markdown)
-    atomic_write_text(out.with_suffix(".csv"), table_csv)

@@ -104,3 +104,87 @@ def test_eval_of_a_file_that_is_no_run_checkpoint(trained_run: Path, tmp_path: P
     torch.save(torch.load(best, weights_only=True)["model"], best)
     with pytest.raises(ValueError, match=r"best\.pt is not a hpc_drseg checkpoint: it holds a bare state dict"):
         evaluate_run(run_dir)
+
+
+# ------------------------------------------------------------------------------------- cross-dataset evaluation
+@pytest.fixture(scope="module")
+def idrid_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic IDRiD tree (2 train, 3 test images) sharded at the debug config's 128 px with drseg shard."""
+    from hpc_drseg.cli import main
+    from hpc_drseg.data.synth_idrid import write_synthetic_idrid
+
+    root = tmp_path_factory.mktemp("idrid")
+    tree = write_synthetic_idrid(root / "IDRiD", {"train": 2, "test": 3}, size_px=160, progress=False, workers=1)
+    argv = ["shard", "--layout", "idrid", "--root", str(tree), "--out", str(root / "shards"), "--image-px", "128"]
+    assert main([*argv, "--workers", "1", "--quiet"]) == 0
+    return root / "shards"
+
+
+def test_a_ddr_checkpoint_scored_on_idrid_and_set_beside_ddr(
+    trained_run: Path, idrid_shards: Path, shards_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from hpc_drseg.cli import main
+
+    checkpoint = trained_run / "checkpoints" / "last.pt"
+    idrid_out, ddr_out = tmp_path / "idrid-test", tmp_path / "ddr-test"
+    common = ["--split", "test", "data.num_workers=0"]
+    assert (
+        main(["eval", "--checkpoint", str(checkpoint), "--shards", str(idrid_shards), "--out", str(idrid_out)] + common)
+        == 0
+    )
+    assert "dataset IDRiD, split test" in capsys.readouterr().out
+    result = json.loads((idrid_out / "eval_test.json").read_text())
+    assert (result["dataset"], result["trained_on"], result["images"], result["run"]) == ("IDRiD", "DDR", 3, None)
+    assert set(result["protocols"]) == {"paper", "standard"} and result["checkpoint"] == str(checkpoint)
+    report = (idrid_out / "report.md").read_text()
+    assert report.startswith("# Evaluation report: debug on IDRiD")
+    assert f"of dataset **IDRiD**: checkpoint `{checkpoint}`" in report and "trained on DDR" in report
+    # The same checkpoint on DDR's test split, chosen through its run (--run RUN --checkpoint last with --out).
+    ddr = [
+        "eval",
+        "--run",
+        str(trained_run),
+        "--checkpoint",
+        "last",
+        "--shards",
+        str(shards_dir),
+        "--out",
+        str(ddr_out),
+    ]
+    assert main(ddr + common) == 0
+    assert json.loads((ddr_out / "eval_test.json").read_text())["dataset"] == "DDR"
+    table = tmp_path / "datasets.md"
+    assert main(["report", "--datasets", str(ddr_out), str(idrid_out), "--out", str(table)]) == 0
+    text = table.read_text()
+    assert "| lesion | DDR test AP | DDR test IoU | IDRiD test AP | IDRiD test IoU |" in text
+    mean_row = next(line for line in text.split("### standard")[1].splitlines() if line.startswith("| mean |"))
+    assert mean_row.split("|")[4].strip() == f"{result['protocols']['standard']['mAP']:.4f}"
+    assert (tmp_path / "datasets.csv").is_file()
+    print(text)  # the DDR-vs-IDRiD table (synthetic data), shown with -s
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("inside shards", "lies inside the input --shards"),
+        ("run folder", "is a run folder or holds the checkpoint"),
+        ("no shards", "needs --shards DIR"),
+        ("no out", "give --run RUN"),
+    ],
+)
+def test_eval_of_a_checkpoint_refuses_bad_outputs(
+    trained_run: Path, idrid_shards: Path, tmp_path: Path, capsys, where: str, message: str
+) -> None:
+    from hpc_drseg.cli import main
+
+    checkpoint = str(trained_run / "checkpoints" / "last.pt")
+    out = {"inside shards": idrid_shards / "eval", "run folder": trained_run}.get(where, tmp_path / "out")
+    argv = ["eval", "--checkpoint", checkpoint, "--shards", str(idrid_shards), "--out", str(out)]
+    if where == "no shards":
+        argv = argv[:3] + argv[5:]
+    if where == "no out":
+        argv = argv[:5]
+    before = sorted(p.name for p in trained_run.iterdir())
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (idrid_shards / "eval").exists() and sorted(p.name for p in trained_run.iterdir()) == before

@@ -12,9 +12,10 @@ from pathlib import Path
 import cv2
 import pytest
 
+from hpc_drseg.compare import compare_runs
 from hpc_drseg.config import load_config, save_config
 from hpc_drseg.constants import LESIONS
-from hpc_drseg.report import PAPER_TABLE_I, PROTOCOL_TITLES, compare_runs, write_run_report
+from hpc_drseg.report import PAPER_TABLE_I, PROTOCOL_TITLES, write_run_report
 
 # Distinct hand-picked numbers, so that each one found in the report can only come from its own cell.
 PAPER_AP = {"MA": 0.0111, "EX": 0.5222, "SE": 0.3333, "HE": 0.2444}
@@ -211,3 +212,15 @@ def test_report_states_initialisation_and_reads_aupr11_with_ap(tmp_path):
     assert "AP is the headline figure" in text and "already scores ≈ 0.5" in text
     unet = make_run(tmp_path, "unet-init", "unet")
     assert "- initialisation: random (U-Net has no ImageNet encoder)" in write_run_report(unet).read_text()
+
+
+def test_report_names_the_dataset_and_the_checkpoint(tmp_path):
+    run = make_run(tmp_path, "legacy", "attention_deeplab")  # an eval json without 'dataset': written for DDR shards
+    text = write_run_report(run).read_text()
+    assert text.startswith("# Run report: legacy on DDR\n")
+    assert "- split `test` of dataset **DDR**: checkpoint `x/checkpoints/best.pt` (epoch 7), 1 process(es)" in text
+    content = {**eval_json(), "run": None, "dataset": "IDRiD", "trained_on": "DDR"}  # from drseg eval --out
+    (run / "eval_test.json").write_text(json.dumps(content))
+    text = write_run_report(run).read_text()
+    assert text.startswith("# Evaluation report: legacy on IDRiD\n")
+    assert "- split `test` of dataset **IDRiD**: checkpoint `x/checkpoints/best.pt` (epoch 7, trained on DDR)" in text
