@@ -36,6 +36,10 @@ AUGMENT_PRESETS: tuple[str, ...] = get_args(AugmentPreset)
 AugmentBorder = Literal["reflect_101", "constant"]
 AUGMENT_BORDERS: tuple[str, ...] = get_args(AugmentBorder)
 
+# Where training images are augmented: in the loader workers (CPU, albumentations) or on the training device (torch).
+AugmentWhere = Literal["workers", "device"]
+AUGMENT_WHERE: tuple[str, ...] = get_args(AugmentWhere)
+
 BoundaryMode = Literal["paper", "edge_emphasis"]
 BOUNDARY_MODES: tuple[str, ...] = get_args(BoundaryMode)
 

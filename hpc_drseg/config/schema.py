@@ -13,6 +13,7 @@ from hpc_drseg.config.checks import ConfigError, check_positive, check_range, ch
 from hpc_drseg.config.choices import (
     CBAM_SITES,
     AugmentBorder,
+    AugmentWhere,
     AugmentPreset,
     BackboneName,
     BoundaryMode,
@@ -66,6 +67,11 @@ class AugmentConfig:
     """Multiplies every transform's probability (0 disables all, 1 = the paper's values)."""
     border: AugmentBorder = "reflect_101"
     """Border fill of geometric transforms, image and mask alike: 'reflect_101' mirrors (paper code), 'constant' = 0."""
+    where: AugmentWhere = "workers"
+    """Where training images are augmented: 'workers' (loader worker processes on the CPU, albumentations) or 'device'
+    (the decoded training set is kept on the training device and augmented there in batches with torch: the same
+    transforms, probabilities and ranges, one grid_sample for all geometric ones; for GPUs the CPUs cannot feed;
+    docs/input-path.md). Evaluation is unaffected."""
 
     def __post_init__(self) -> None:
         check_range("data.augment.strength", self.strength, 0.0, 2.0)

@@ -39,6 +39,20 @@ PAPER_P: dict[str, float] = {
 }
 _PAPER_PX = 512  # the resolution the paper's pixel-valued constants (elastic alpha, sigma) were chosen for
 
+# The paper's parameter ranges, shared with the on-device pipeline (data/device_augment/), which draws the same ones.
+AFFINE_TRANSLATE = (-0.0625, 0.0625)  # fraction of the side, x and y independently (1.x ShiftScaleRotate's shift)
+AFFINE_SCALE = (0.9, 1.1)  # one isotropic scale
+AFFINE_ROTATE_DEG = (-15.0, 15.0)
+BRIGHTNESS = (-0.2, 0.2)  # fraction of 255 added
+CONTRAST = (-0.2, 0.2)  # 1 + this multiplies
+GAMMA_PERCENT = (80, 120)  # gamma = this / 100
+HSV_SHIFTS = ((-10.0, 10.0), (-15.0, 15.0), (-10.0, 10.0))  # hue (OpenCV units of 2 degrees), saturation, value
+# 1.x var_limit (10, 50) was a variance on the 0-255 scale; 2.x std_range is a standard deviation / 255.
+NOISE_STD = (math.sqrt(10) / 255, math.sqrt(50) / 255)
+ELASTIC_ALPHA_PX, ELASTIC_SIGMA_PX = 1.0, 50.0  # at _PAPER_PX; scaled with the image side
+GRID_STEPS, GRID_DISTORT = 5, (-0.3, 0.3)  # albumentations' defaults, which the paper's code used
+OPTICAL_DISTORT = (-1.0, 1.0)
+
 # The paper's code ran albumentations 1.x GaussianBlur(blur_limit=3): kernel size 3 and sigma 0, handed to
 # cv2.GaussianBlur, which for sigma 0 and a size up to 7 takes its fixed table, [1, 2, 1] / 4, not the 0.3·(…) + 0.8
 # rule (σ 0.8 would weigh [0.239, 0.522, 0.239]). 2.x samples its 3 taps exp(-x² / 2σ²), which equal [1, 2, 1] / 4
@@ -133,10 +147,10 @@ def _paper_transforms(
     geometric_border = {"border_mode": _BORDER_MODES[border], "fill": 0, "fill_mask": 0}
     # 1.x ShiftScaleRotate: one isotropic scale (keep_ratio), independent x/y shifts, no shear.
     affine = A.Affine(
-        translate_percent={"x": (-0.0625, 0.0625), "y": (-0.0625, 0.0625)},
-        scale=(0.9, 1.1),
+        translate_percent={"x": AFFINE_TRANSLATE, "y": AFFINE_TRANSLATE},
+        scale=AFFINE_SCALE,
         keep_ratio=True,
-        rotate=(-15, 15),
+        rotate=AFFINE_ROTATE_DEG,
         shear=0.0,
         interpolation=cv2.INTER_LINEAR,
         mask_interpolation=cv2.INTER_NEAREST,
@@ -145,31 +159,30 @@ def _paper_transforms(
     )
     colour = A.OneOf(
         [
-            A.RandomBrightnessContrast(brightness_limit=(-0.2, 0.2), contrast_limit=(-0.2, 0.2), p=0.4),
-            A.RandomGamma(gamma_limit=(80, 120), p=0.4),
+            A.RandomBrightnessContrast(brightness_limit=BRIGHTNESS, contrast_limit=CONTRAST, p=0.4),
+            A.RandomGamma(gamma_limit=GAMMA_PERCENT, p=0.4),
             A.HueSaturationValue(
-                hue_shift_limit=(-10, 10), sat_shift_limit=(-15, 15), val_shift_limit=(-10, 10), p=0.4
+                hue_shift_limit=HSV_SHIFTS[0], sat_shift_limit=HSV_SHIFTS[1], val_shift_limit=HSV_SHIFTS[2], p=0.4
             ),
         ],
         p=_p("colour", strength),
     )
-    # 1.x var_limit (10, 50) was a variance on the 0-255 scale; 2.x std_range is a standard deviation / 255.
-    noise = A.GaussNoise(std_range=(math.sqrt(10) / 255, math.sqrt(50) / 255), p=_p("GaussNoise", strength))
+    noise = A.GaussNoise(std_range=NOISE_STD, p=_p("GaussNoise", strength))
     # (3, 3): a fixed 3×3 kernel. A bare 3 means (0, 3) in 2.x, and 0 derives kernels up to 21 px from sigma.
     blur = A.GaussianBlur(
         blur_limit=(3, 3), sigma_limit=(PAPER_BLUR_SIGMA, PAPER_BLUR_SIGMA), p=_p("GaussianBlur", strength)
     )
     px_scale = image_px / _PAPER_PX  # elastic alpha and sigma are in pixels: keep the paper's field at other sizes
     elastic = (A.ElasticTransform if stock else ElasticTransformLowRankBlur)(
-        alpha=1.0 * px_scale, sigma=50.0 * px_scale, p=0.15, **geometric_border
+        alpha=ELASTIC_ALPHA_PX * px_scale, sigma=ELASTIC_SIGMA_PX * px_scale, p=0.15, **geometric_border
     )
     if isinstance(elastic, ElasticTransformLowRankBlur):
         elastic.blur_factors(image_px, image_px)  # now, so forked loader workers inherit them (the SVD takes ~0.5 s)
     distortion = A.OneOf(
         [
             elastic,
-            A.GridDistortion(p=0.15, **geometric_border),
-            A.OpticalDistortion(distort_limit=(-1.0, 1.0), mode="camera", p=0.15, **geometric_border),
+            A.GridDistortion(num_steps=GRID_STEPS, distort_limit=GRID_DISTORT, p=0.15, **geometric_border),
+            A.OpticalDistortion(distort_limit=OPTICAL_DISTORT, mode="camera", p=0.15, **geometric_border),
         ],
         p=_p("distortion", strength),
     )
@@ -245,6 +258,17 @@ _LOW_RANK_MAX_RANK = 96  # beyond it the thin products cost about what OpenCV's 
 _LOW_RANK_MAX_SPAN = 60  # n / sigma above which the rank needed (~1.6 n / sigma + 8) exceeds the cap: skip the SVD
 
 
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """The n×n float64 matrix of OpenCV's GaussianBlur along one axis: kernel size and taps as cv2.GaussianBlur picks
+    them for float images with ksize (0, 0), replicate border folded in (row i: the weights of output i)."""
+    ksize = int(round(sigma * 8 + 1)) | 1  # cv2's choice for float32 input and ksize (0, 0)
+    taps = cv2.getGaussianKernel(ksize, sigma, cv2.CV_64F).ravel()
+    source = np.clip(np.arange(n)[:, None] + np.arange(ksize)[None, :] - ksize // 2, 0, n - 1)
+    matrix = np.zeros((n, n))
+    np.add.at(matrix, (np.repeat(np.arange(n), ksize), source.ravel()), np.tile(taps, n))
+    return matrix
+
+
 @functools.lru_cache(maxsize=16)
 def low_rank_blur_factors(n: int, sigma: float) -> Optional[Factors]:
     """(left (n, r), right (r, n)) float32 with left @ right ≈ the n×n matrix of OpenCV's GaussianBlur along one
@@ -253,12 +277,7 @@ def low_rank_blur_factors(n: int, sigma: float) -> Optional[Factors]:
     kernels, where the direct blur is cheap anyway)."""
     if sigma <= 0 or n / sigma > _LOW_RANK_MAX_SPAN:
         return None
-    ksize = int(round(sigma * 8 + 1)) | 1  # cv2's choice for float32 input and ksize (0, 0)
-    taps = cv2.getGaussianKernel(ksize, sigma, cv2.CV_64F).ravel()
-    source = np.clip(np.arange(n)[:, None] + np.arange(ksize)[None, :] - ksize // 2, 0, n - 1)
-    matrix = np.zeros((n, n))
-    np.add.at(matrix, (np.repeat(np.arange(n), ksize), source.ravel()), np.tile(taps, n))
-    exact = torch.from_numpy(matrix)
+    exact = torch.from_numpy(blur_matrix(n, sigma))
     u, s, vh = torch.linalg.svd(exact)
     for rank in range(8, min(n, _LOW_RANK_MAX_RANK) + 1, 8):
         left, right = u[:, :rank] * s[:rank], vh[:rank]

@@ -23,10 +23,9 @@ from typing import Any, Optional
 import torch
 
 from hpc_drseg.config import RunConfig, save_config
-from hpc_drseg.data.augment import build_augment
 from hpc_drseg.data.manifest import read_manifest, split_info
 from hpc_drseg.data.normalize import normalize
-from hpc_drseg.data.pipeline import Batch, build_train_loader, steps_per_epoch
+from hpc_drseg.data.pipeline import Batch, build_run_batches, steps_per_epoch
 from hpc_drseg.losses import build_loss
 from hpc_drseg.models import build_model, check_initialisation, split_output
 from hpc_drseg.train.checkpoint import Checkpointer, Progress, record_config_changes
@@ -182,8 +181,9 @@ class Trainer:
             monitor=cfg.train.monitor,
             plateau_monitor=cfg.optim.plateau_monitor,
         )
-        self.augment = build_augment(cfg.data.augment, cfg.data.image_px)
         self.steps = self._steps_per_epoch()
+        # One training stream for the run: loader workers (or the device-resident set) serve epoch after epoch.
+        self.train_batches = build_run_batches(cfg.data, cfg.train, acc.device, self.rank, self.world, self.steps)
         seed_everything(cfg.train.seed * 1000 + self.rank)  # dropout differs per rank, reproducibly
 
     def _compiled_forward(self) -> torch.nn.Module:
@@ -215,11 +215,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ steps
     def _device_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.accelerator.device
-        image = normalize(batch.image.to(device, non_blocking=True))
-        if self.cfg.train.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        return image.to(model_input_dtype(self.model)), batch.mask.to(device, non_blocking=True)
+        """The uint8 channels-last batch (pinned on CUDA, or already on the device) copied as it is; normalisation,
+        cast and memory format in one pass on the device (data/normalize.py)."""
+        device, channels_last = self.accelerator.device, self.cfg.train.channels_last
+        image = normalize(batch.image.to(device, non_blocking=True), model_input_dtype(self.model), channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return image, batch.mask.to(device, non_blocking=True).contiguous(memory_format=layout)
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         image, mask = self._device_batch(batch)
@@ -246,25 +247,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ epochs
     def _train_batches(self, epoch: int) -> Iterable[Batch]:
-        """This rank's rest of the epoch: a seeded permutation of the training set (data/pipeline.py), from
-        progress.step_in_epoch on."""
-        cfg = self.cfg
-        return build_train_loader(
-            shards_dir=cfg.data.shards,
-            split=cfg.data.train_split,
-            batch_size=cfg.train.batch_size,
-            rank=self.rank,
-            world_size=self.world,
-            seed=cfg.train.seed,
-            epoch=epoch,
-            num_workers=cfg.data.num_workers,
-            augment=self.augment,
-            steps=self.steps,
-            subset=cfg.data.subset,
-            # Resuming mid-epoch: an epoch's batches and their augmentation depend only on (seed, epoch, rank,
-            # batch), so the loader skips the consumed ones unread and goes on exactly where the interrupted run was.
-            start_batch=self.progress.step_in_epoch,
-        )
+        """This rank's rest of the epoch, from progress.step_in_epoch on, out of the run's one training stream. An
+        epoch's batches and their augmentation depend only on (seed, epoch, rank, batch), so a resumed run starts the
+        stream at its step and goes on exactly where the interrupted run was."""
+        return self.train_batches.epoch(epoch, self.progress.step_in_epoch)
 
     @contextlib.contextmanager
     def _batches_and_bar(self, epoch: int) -> Iterator[tuple[Iterable[Batch], Any]]:
@@ -278,6 +264,9 @@ class Trainer:
                 yield itertools.chain([] if first is None else [first], batches), bar
             finally:
                 bar.close()
+                # The stream's workers stay only while the run goes on into the next epoch.
+                if self.progress.step_in_epoch < self.steps or epoch + 1 >= self.cfg.train.max_epochs:
+                    self.train_batches.close()
 
     def run_epoch(self, epoch: int) -> EpochStats:
         """Trains the rest of one epoch (from progress.step_in_epoch); stops early on a signal or train.max_steps."""

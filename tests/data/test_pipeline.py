@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hpc_drseg.constants import LESIONS
-from hpc_drseg.data import pipeline
+from hpc_drseg.data import samples, stream
 from hpc_drseg.data.ddr import find_samples, read_sample
 from hpc_drseg.data.manifest import iter_shard_samples, read_manifest, shard_groups
 from hpc_drseg.data.pipeline import Batch, build_eval_loader, build_train_loader, decode_sample, steps_per_epoch
@@ -207,8 +207,8 @@ def test_start_batch_yields_exactly_the_tail_of_the_epoch(shards_dir: Path) -> N
 
 def test_start_batch_decodes_only_the_remaining_samples(shards_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     decoded: list[str] = []
-    real = pipeline.decode_sample
-    monkeypatch.setattr(pipeline, "decode_sample", lambda raw, *a: decoded.append(raw["__key__"]) or real(raw, *a))
+    real = stream.decode_sample
+    monkeypatch.setattr(stream, "decode_sample", lambda raw, *a: decoded.append(raw["__key__"]) or real(raw, *a))
     tail = _train(shards_dir, start_batch=3)
     assert len(tail) == 1 and decoded == tail[0].ids
 
@@ -234,8 +234,8 @@ def test_training_leaves_the_callers_random_state_alone(shards_dir: Path) -> Non
 
 def test_workers_read_only_the_shards_of_their_samples(shards_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     read: list[str] = []
-    real = pipeline.iter_shard_samples
-    monkeypatch.setattr(pipeline, "iter_shard_samples", lambda path: read.append(path.name) or real(path))
+    real = samples.iter_shard_samples
+    monkeypatch.setattr(samples, "iter_shard_samples", lambda path: read.append(path.name) or real(path))
     _train(shards_dir, subset=3)  # ids 0, 1 in shard 0, id 2 in shard 1: shards 2 and 3 are never opened
     assert sorted(read) == ["train-000000.tar", "train-000001.tar"]
 
