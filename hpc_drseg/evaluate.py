@@ -121,8 +121,7 @@ def evaluate_checkpoint(
     built_from = f"the config of {path}" + (" with the overrides given" if overrides else "")
     model, _ = _model_from_state(state, path, cfg.model, built_from)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    return _score(cfg, model, state, path, split, protocol, out, {"run": None})
+    return _score(cfg, model, state, path, split, protocol, out, {"run": None}, write_config=True)
 
 
 def _config_for_shards(saved: RunConfig, shards: str | Path, overrides: list[str], path: Path) -> RunConfig:
@@ -155,8 +154,10 @@ def _score(
     protocol: str,
     out: Path,
     header: dict[str, Any],
+    write_config: bool = False,
 ) -> dict[str, Any]:
-    """Scores `model` on `split` of cfg.data.shards on every rank; rank 0 writes OUT/eval_<split>.json."""
+    """Scores `model` on `split` of cfg.data.shards on every rank; rank 0 writes OUT/eval_<split>.json (and with
+    `write_config` OUT/config.yaml)."""
     accelerator = build_accelerator(cfg.train)
     model = model.to(accelerator.device)
     if cfg.train.channels_last:
@@ -181,6 +182,8 @@ def _score(
         result["protocols"]["standard"] = standard.compute()
         result["pr_curves"] = _pr_curves(standard)
     if accelerator.is_main_process:
+        if write_config:
+            save_config(cfg, out / "config.yaml")
         atomic_write_json(out / f"eval_{split}.json", result)
     shut_down(accelerator)
     return result
