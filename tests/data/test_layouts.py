@@ -220,3 +220,14 @@ def test_bad_layout_arguments_and_trees(tmp_path: Path, capsys, make, layout_arg
     assert main(["shard", *layout_args, "--root", str(root), "--out", str(tmp_path / "s"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_layout_ddr_root_gives_the_same_shards_as_ddr_root(tmp_path: Path, make_ddr) -> None:
+    from tree_snapshot import snapshot
+
+    root = make_ddr(tmp_path / "DDR", counts={"train": 2, "test": 2}, size_px=48)
+    common = ["--image-px", "32", "--workers", "1", "--quiet"]
+    assert main(["shard", "--ddr-root", str(root), "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["shard", "--layout", "ddr", "--root", str(root), "--out", str(tmp_path / "b"), *common]) == 0
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+    assert (read_manifest(tmp_path / "a")["layout"], dataset_name(read_manifest(tmp_path / "a"))) == ("ddr", "DDR")
