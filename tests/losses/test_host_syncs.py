@@ -53,3 +53,24 @@ def test_loss_forward_backward_makes_no_host_round_trip(settings, with_aux, bf16
             total.backward()
     assert counter.calls == 0, counter.sites
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_backward_never_synchronizes():
+    """On the device itself: CUDA's sync debug mode raises on any operation that waits for the GPU."""
+    loss = build_loss(LossConfig(pos_weight=[4.0, 1.0, 1.5, 2.0])).to("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(4, 4, 64, 64, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    aux = torch.randn(4, 4, 16, 16, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    mask = (torch.rand(4, 4, 64, 64, device="cuda", generator=gen) < 0.1).to(torch.uint8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(CALLS):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                total, _ = loss(logits, mask, aux, per_lesion=True)
+            total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logits.grad.float()).all()
