@@ -115,7 +115,7 @@ def _shard_source(args: argparse.Namespace):
     from hpc_drseg.data.layouts import DEFAULT_VALID_FRACTION, build_reader
 
     if (args.ddr_root is None) == (args.root is None):
-        raise InputError("drseg shard: give either --ddr-root DIR (a DDR tree) or --layout LAYOUT --root DIR")
+        raise InputError("give either --ddr-root DIR (a DDR tree) or --layout LAYOUT --root DIR")
     if args.ddr_root is not None and args.layout not in (None, "ddr"):
         raise InputError(f"--ddr-root reads the DDR layout; for --layout {args.layout} give the folder as --root")
     layout = args.layout or "ddr"
@@ -282,9 +282,12 @@ def _eval_checkpoint_file(args: argparse.Namespace) -> Path:
     if args.shards is None:
         raise InputError("drseg eval --out DIR needs --shards DIR (the shard folder to score, e.g. IDRiD's)")
     if args.run is not None:
+        if args.checkpoint not in (None, *CHECKPOINT_CHOICES):
+            choices = list(CHECKPOINT_CHOICES)
+            raise InputError(f"--checkpoint {args.checkpoint}: with --run give one of {choices}, or drop --run")
         return resolve_checkpoint(Path(args.run), args.checkpoint or "auto")
     if args.checkpoint in (None, *CHECKPOINT_CHOICES):
-        raise InputError("drseg eval: give --run RUN, or --checkpoint FILE --shards DIR --out DIR")
+        raise InputError("give --run RUN, or --checkpoint FILE --shards DIR --out DIR")
     return Path(args.checkpoint)
 
 
@@ -299,7 +302,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(checkpoint, args.shards, report_dir, args.split, args.protocol, args.overrides)
     elif args.run is None or args.shards is not None or args.checkpoint not in (None, *CHECKPOINT_CHOICES):
         raise InputError(
-            "drseg eval: give --run RUN [--checkpoint best|last], or --checkpoint FILE (or --run RUN) --shards DIR "
+            "give --run RUN [--checkpoint best|last], or --checkpoint FILE (or --run RUN) --shards DIR "
             "--out DIR to score a checkpoint on any shard set"
         )
     else:
