@@ -37,6 +37,7 @@ from hpc_drseg.errors import InputError, MissingError
 from hpc_drseg.models.registry import architecture_differences
 from hpc_drseg.train import deepspeed_state
 from hpc_drseg.train.runtime import sync_buffers, uses_deepspeed
+from hpc_drseg.train.writer import BackgroundWriter, snapshot
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -301,8 +302,8 @@ class Checkpointer:
     """Writes and restores a run's checkpoints; the Trainer owns one and hands it the progress at every save.
 
     It holds the (prepared) model, optimiser and monitor, whose state it reads and restores in place. Collective
-    calls (DeepSpeed's save/load, barriers) run on every rank in the same order, so every rank must call
-    `save_last` and `resume`; `save_best` writes on rank 0 only.
+    calls (DeepSpeed's save/load, barriers) run on every rank in the same order, so every rank must call `save` and
+    `resume`.
     """
 
     def __init__(
@@ -318,6 +319,7 @@ class Checkpointer:
         self.run_dir = Path(cfg.run_dir)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.deepspeed = uses_deepspeed()
+        self.writer = BackgroundWriter()
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
@@ -350,25 +352,46 @@ class Checkpointer:
             state["optimizer"] = self.optimizer.state_dict()
         return state
 
-    def save_last(self, progress: Progress) -> None:
-        """RUN/checkpoints/last.pt (and DeepSpeed's partitions); every rank must call it (it synchronises them)."""
-        # last.pt holds rank 0's BatchNorm statistics; every rank goes on with them, as a resumed run would.
+    def save(self, progress: Progress, last: bool = True, best: bool = False) -> None:
+        """RUN/checkpoints/last.pt (with DeepSpeed's partitions) and/or best.pt. Every rank must call it with the same
+        arguments (it synchronises them); rank 0 writes the files in the background (train/writer.py) from a
+        snapshot taken here, so training goes on while they are written. `wait` for them before exiting."""
+        self.writer.wait()  # the previous commit is complete before anything of this one is written
+        # The files hold rank 0's BatchNorm statistics; every rank goes on with them, as a resumed run would.
         sync_buffers(self.accelerator, self.model)
-        state = self.state(progress)
         # Every rank's RNG goes into last.pt itself: in a file of its own, a kill between the two writes would
         # resume a rank with the RNG of another step.
-        state["rng_ranks"] = self._all_ranks(state["rng"])
+        rngs = self._all_ranks(capture_rng()) if last else None
         folder = self.run_dir / CHECKPOINT_DIR
-        if self.deepspeed:  # optimiser state is partitioned across ranks: every rank writes its part
-            state[deepspeed_state.DEEPSPEED_KEY] = deepspeed_state.save(self.accelerator, folder, progress.global_step)
-        self.accelerator.wait_for_everyone()
+        deepspeed_name = None
+        if self.deepspeed and last:  # optimiser state is partitioned across ranks: every rank writes its part
+            deepspeed_name = deepspeed_state.save(self.accelerator, folder, progress.global_step)
         if self.accelerator.is_main_process:
+            state = snapshot(self.state(progress))
+            state.update(rng_ranks=rngs, **{deepspeed_state.DEEPSPEED_KEY: deepspeed_name})
+            self.writer.submit(lambda: self._commit(state, last, best))
+
+    def save_last(self, progress: Progress) -> None:
+        self.save(progress, last=True)
+
+    def wait(self) -> None:
+        """Until the files of the last save are committed (raises what their write raised)."""
+        self.writer.wait()
+
+    def _commit(self, state: dict[str, Any], last: bool, best: bool) -> None:
+        """Rank 0, in the background: last.pt, then what it made stale, then best.pt (last.pt's content without the
+        optimiser and the other ranks' RNG: it only ever gets scored)."""
+        folder = self.run_dir / CHECKPOINT_DIR
+        if last:
             atomic_torch_save(state, checkpoint_path(self.run_dir, "last"))
             for old in folder.glob("rng-rank*.pt"):  # the earlier layout, now stale
                 old.unlink(missing_ok=True)
-            if self.deepspeed:  # only now that last.pt names the new folder
+            if state[deepspeed_state.DEEPSPEED_KEY]:  # only now that last.pt names the new folder
                 deepspeed_state.remove_others(folder, keep=state[deepspeed_state.DEEPSPEED_KEY])
-        self.accelerator.wait_for_everyone()
+        if best:
+            dropped = ("optimizer", "rng_ranks", deepspeed_state.DEEPSPEED_KEY)
+            scored = {k: v for k, v in state.items() if k not in dropped}
+            atomic_torch_save(scored, checkpoint_path(self.run_dir, "best"))
 
     def _all_ranks(self, value: Any) -> list[Any]:
         """[rank 0's value, rank 1's, …] on every rank (a collective)."""
@@ -377,13 +400,6 @@ class Checkpointer:
         values: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(values, value)
         return values
-
-    def save_best(self, progress: Progress) -> None:
-        """RUN/checkpoints/best.pt from rank 0: last.pt's content without the optimiser (it only ever gets scored)."""
-        if self.accelerator.is_main_process:
-            state = self.state(progress)
-            state.pop("optimizer", None)
-            atomic_torch_save(state, checkpoint_path(self.run_dir, "best"))
 
     def resume(self, allow_config_change: bool = False, allow_world_size_change: bool = False) -> Optional[Resumed]:
         """Restores weights, optimiser, monitor and this rank's RNG from last.pt; None without one.

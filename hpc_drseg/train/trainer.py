@@ -364,9 +364,9 @@ class Trainer:
         self.progress.train_sums, self.progress.train_steps = {}, 0  # the row holds them now
         self._sums, self._steps_done = {}, 0
         self.logger.epoch_row(row)
-        self.checkpointer.save_last(self.progress)
-        if self.monitor.improved:
-            self.checkpointer.save_best(self.progress)
+        every = self.cfg.train.checkpoint_every_epochs
+        ending = stats.stop is not None or self.monitor.should_stop or epoch + 1 >= self.cfg.train.max_epochs
+        self.checkpointer.save(self.progress, last=ending or (epoch + 1) % every == 0, best=self.monitor.improved)
 
     # ------------------------------------------------------------------------------------------------ main loop
     def _start(self) -> None:
@@ -415,9 +415,13 @@ class Trainer:
             stop = Stop.signal(self.stop.signal_name) if self._stop_requested(now=True) else self._loop()
             check_replicas(self.accelerator, self.model)
         finally:
-            self.logger.close()
-            if lock is not None:
-                lock.release()
+            try:
+                if self.checkpointer is not None:  # its files are committed before the run folder is let go
+                    self.checkpointer.wait()
+            finally:
+                self.logger.close()
+                if lock is not None:
+                    lock.release()
         return stop
 
     def _loop(self) -> Stop:
