@@ -120,6 +120,11 @@ def idrid_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Relative path → (size, mtime_ns) of everything below `folder` (checkpoints are too large to compare bytes)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
 def test_a_ddr_checkpoint_scored_on_idrid_and_set_beside_ddr(
     trained_run: Path, idrid_shards: Path, shards_dir: Path, tmp_path: Path, capsys
 ) -> None:
@@ -127,6 +132,7 @@ def test_a_ddr_checkpoint_scored_on_idrid_and_set_beside_ddr(
 
     checkpoint = trained_run / "checkpoints" / "last.pt"
     idrid_out, ddr_out = tmp_path / "idrid-test", tmp_path / "ddr-test"
+    inputs = {folder: _listing(folder) for folder in (trained_run, idrid_shards, shards_dir)}
     common = ["--split", "test", "data.num_workers=0"]
     assert (
         main(["eval", "--checkpoint", str(checkpoint), "--shards", str(idrid_shards), "--out", str(idrid_out)] + common)
@@ -160,6 +166,7 @@ def test_a_ddr_checkpoint_scored_on_idrid_and_set_beside_ddr(
     mean_row = next(line for line in text.split("### standard")[1].splitlines() if line.startswith("| mean |"))
     assert mean_row.split("|")[4].strip() == f"{result['protocols']['standard']['mAP']:.4f}"
     assert (tmp_path / "datasets.csv").is_file()
+    assert {folder: _listing(folder) for folder in inputs} == inputs  # the run and the shards are only read
     print(text)  # the DDR-vs-IDRiD table (synthetic data), shown with -s
 
 
