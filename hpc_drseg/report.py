@@ -346,7 +346,7 @@ def _header_markdown(run_dir: Path, name: str, model: Optional[str], evals: dict
     lines = [
         f"# {'Evaluation' if checkpoint_only else 'Run'} report: {name} on {datasets}",
         "",
-        f"- run: `{run_dir}`",
+        f"- {'evaluation folder' if checkpoint_only else 'run'}: `{run_dir}`",
         f"- model: {model_text}",
         _initialisation_line(_run_config(run_dir).get("model") or {}),
         _mask_resize_line(run_dir),

@@ -222,5 +222,5 @@ def test_report_names_the_dataset_and_the_checkpoint(tmp_path):
     content = {**eval_json(), "run": None, "dataset": "IDRiD", "trained_on": "DDR"}  # from drseg eval --out
     (run / "eval_test.json").write_text(json.dumps(content))
     text = write_run_report(run).read_text()
-    assert text.startswith("# Evaluation report: legacy on IDRiD\n")
+    assert text.startswith("# Evaluation report: legacy on IDRiD\n") and f"- evaluation folder: `{run}`" in text
     assert "- split `test` of dataset **IDRiD**: checkpoint `x/checkpoints/best.pt` (epoch 7, trained on DDR)" in text
