@@ -1,6 +1,7 @@
 """`drseg bench cbam`: one CBAM block (Woo et al. 2018, as in Attention-DeepLab) timed for eager, torch.compile and the
-fused Triton kernel at the paper's shapes — forward and forward+backward, achieved GB/s against a device-to-device copy
-of the same run — and the Attention-DeepLab training step in img/s with CBAM impl=eager vs impl=triton.
+fused Triton kernel at the paper's shapes — forward and forward+backward by CUDA-graph replay (launch cost as in a
+captured training step, not Python issue time), GPU kernels per forward+backward from torch.profiler, achieved GB/s
+against a device-to-device copy — and the Attention-DeepLab training step in img/s with CBAM impl=eager vs triton.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def benchmark_cbam(
 ) -> list[dict[str, Any]]:
     """Rows of kind "copy", "cbam" (one per shape × batch × impl) and "train_step" (per impl in eager/triton).
 
-    CUDA: CUDA events around each call after `warmup` calls, median of `iters`, inputs rotated among `input_sets`
-    random sets. CPU (no CUDA): the same with a host clock, for eager and compile only — "triton" rows are marked
-    skipped (the CPU interpreter is for tests), so the figures say nothing about GPU speed.
+    CUDA: one CUDA graph per configuration holding one call per input set (`input_sets` random sets), captured after
+    `warmup` calls; the median of `iters` replays, per call; `kernels_fwd_bwd` from torch.profiler. CPU (no CUDA):
+    host clock around eager calls, median of `iters`, no kernel count (None), for eager and compile only — "triton"
+    rows are marked skipped (the CPU interpreter is for tests), so the figures say nothing about GPU speed.
     The training step (median of `train_steps` after `train_warmup`): Attention-DeepLab from load_config(None,
     [model.cbam.impl=…, data.image_px=…, *train_overrides]), a random batch, Adam, bf16 autocast, channels_last, the
     configured loss.
@@ -148,6 +150,55 @@ def _median_ms(fn: Callable[[int], object], warmup: int, iters: int, device: tor
     return statistics.median(times)
 
 
+def _graph_ms(fn: Callable[[int], object], sets: int, warmup: int, iters: int, device: torch.device) -> float:
+    """Median milliseconds of fn(i) per call, from `iters` replays of one CUDA graph that holds fn(0) … fn(sets − 1)
+    (captured after `warmup` calls on a side stream, so compilation and allocator warm-up stay outside)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for i in range(max(warmup, sets)):
+            fn(i)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(sets):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events) / sets
+
+
+def count_kernels(step: Callable[[], object], device: torch.device) -> int | None:
+    """GPU work items (kernels, memsets, memcpys) one call of `step` issues, counted with torch.profiler after one
+    warm-up call; None on a device without them (CPU: not applicable)."""
+    if device.type != "cuda":
+        return None
+    step()
+    torch.cuda.synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def triton_launches_per_step(x: Tensor, weights: Sequence[Tensor], upstream: Tensor) -> int:
+    """Triton kernel launches of one forward+backward of the fused CBAM (the kernels' own launch counter: also works
+    in Triton's CPU interpreter, where the profiler sees no GPU kernels)."""
+    from hpc_drseg.kernels.cbam_launch import count_launches
+
+    inputs = [t.detach().requires_grad_(True) for t in (x, *weights)]
+    with count_launches() as launches:
+        torch.autograd.grad(cbam_forward(inputs[0], *inputs[1:], impl="triton"), inputs, upstream)
+    return sum(launches.values())
+
+
 def _copy_row(device: torch.device, warmup: int, iters: int) -> dict[str, Any]:
     nbytes = COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
     src = torch.randn(nbytes // 4, device=device)  # random, not zeros: zeros can run faster than real data
@@ -222,8 +273,14 @@ def _cbam_rows(
             x, upstream = pairs[i % sets]
             torch.autograd.grad(fn(x, *weights), (x, *weights), upstream)  # no .grad accumulation pass
 
-        fwd_ms = _median_ms(forward, warmup, iters, device)
-        fwd_bwd_ms = _median_ms(forward_backward, warmup, iters, device)
+        if device.type == "cuda":
+            fwd_ms = _graph_ms(forward, sets, warmup, iters, device)
+            fwd_bwd_ms = _graph_ms(forward_backward, sets, warmup, iters, device)
+        else:
+            fwd_ms = _median_ms(forward, warmup, iters, device)
+            fwd_bwd_ms = _median_ms(forward_backward, warmup, iters, device)
+        row["kernels_fwd_bwd"] = count_kernels(lambda fn=forward_backward: fn(0), device)
+        row["timing"] = "cuda-graph replay" if device.type == "cuda" else "host clock, eager"
         eager_ms = fwd_bwd_ms if impl == "eager" else eager_ms
         row.update(
             fwd_ms=fwd_ms,
@@ -234,7 +291,8 @@ def _cbam_rows(
         row["fwd_bwd_of_copy"] = row["fwd_bwd_gbps"] / copy_gbps
         row["speedup_vs_eager"] = eager_ms / fwd_bwd_ms if eager_ms else None
         rows.append(row)
-        log(f"{_describe_config(row)} {impl}: fwd {fwd_ms:.4f} ms, fwd+bwd {fwd_bwd_ms:.4f} ms")
+        kernels = _fmt(row["kernels_fwd_bwd"], "d", " kernels")
+        log(f"{_describe_config(row)} {impl}: fwd {fwd_ms:.4f} ms, fwd+bwd {fwd_bwd_ms:.4f} ms ({kernels})")
     return rows
 
 
@@ -308,14 +366,16 @@ def format_cbam_table(rows: Sequence[dict[str, Any]]) -> str:
             copy = f"device-to-device copy {row['gbps']:.1f} GB/s ({row['bytes'] / 2**20:.0f} MiB read + written)"
             lines += [f"Device: {row['device']}; {copy}", ""]
     header = "| batch | C×H×W | dtype | layout | impl | fwd ms | fwd+bwd ms | fwd+bwd GB/s | of copy | vs eager | note"
-    lines += [header + " |", "|---:|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    header += " | kernels fwd+bwd | timing"
+    lines += [header + " |", "|---:|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for row in (r for r in rows if r["kind"] == "cbam"):
         c, h, w = row["shape"]
         lines.append(
             f"| {row['batch']} | {c}×{h}×{w} | {row['dtype']} | {'CL' if row['channels_last'] else 'NCHW'} | "
             f"{row['impl']} | {_fmt(row.get('fwd_ms'), '.4f')} | {_fmt(row.get('fwd_bwd_ms'), '.4f')} | "
             f"{_fmt(row.get('fwd_bwd_gbps'), '.3g')} | {_fmt(row.get('fwd_bwd_of_copy'), '.1%')} | "
-            f"{_fmt(row.get('speedup_vs_eager'), '.2f', '×')} | {row['note']} |"
+            f"{_fmt(row.get('speedup_vs_eager'), '.2f', '×')} | {row['note']} | "
+            f"{_fmt(row.get('kernels_fwd_bwd'), 'd')} | {row.get('timing', '')} |"
         )
     train = [r for r in rows if r["kind"] == "train_step"]
     if train:
