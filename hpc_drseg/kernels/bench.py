@@ -185,7 +185,12 @@ def count_kernels(step: Callable[[], object], device: torch.device) -> int | Non
     with torch.profiler.profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize(device)
-    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    # GPU-timeline events, less the GPU spans of record_function annotations (autograd and user ranges)
+    return sum(
+        1
+        for event in prof.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+    )
 
 
 def triton_launches_per_step(x: Tensor, weights: Sequence[Tensor], upstream: Tensor) -> int:

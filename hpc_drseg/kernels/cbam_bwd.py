@@ -101,17 +101,17 @@ def channel_grad_kernel(
         hw_ok = hw < HW
         h, w = hw // W, hw % W
         # transposed conv: output pixel q read input q + (di, dj) with tap t, so input p gets dz[p − (di, dj)]·w[t]
-        hh, ww = h[None, :] - di, w[None, :] - dj
-        ok = tap_ok[:, None] & hw_ok[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        dz_taps = tl.load(dz_ptr + b * HW + hh * W + ww, mask=ok, other=0.0)
+        src_h, src_w = h[None, :] - di, w[None, :] - dj
+        inside = tap_ok[:, None] & hw_ok[None, :] & (src_h >= 0) & (src_h < H) & (src_w >= 0) & (src_w < W)
+        dz_taps = tl.load(dz_ptr + b * HW + src_h * W + src_w, mask=inside, other=0.0)
         ds_mean = tl.sum(w_mean * dz_taps, axis=0)
         ds_max = tl.sum(w_max * dz_taps, axis=0)
         # weight gradient: dW[k, t] = Σ_q dz[q] · s_k[q + (di, dj)], this program's pixels only
-        hh, ww = h[None, :] + di, w[None, :] + dj
-        ok = tap_ok[:, None] & hw_ok[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        dst_h, dst_w = h[None, :] + di, w[None, :] + dj
+        inside = tap_ok[:, None] & hw_ok[None, :] & (dst_h >= 0) & (dst_h < H) & (dst_w >= 0) & (dst_w < W)
         dz_here = tl.load(dz_ptr + b * HW + hw, mask=hw_ok, other=0.0)[None, :]
-        dws_mean += tl.sum(dz_here * tl.load(plane + hh * W + ww, mask=ok, other=0.0), axis=1)
-        dws_max += tl.sum(dz_here * tl.load(plane + HW + hh * W + ww, mask=ok, other=0.0), axis=1)
+        dws_mean += tl.sum(dz_here * tl.load(plane + dst_h * W + dst_w, mask=inside, other=0.0), axis=1)
+        dws_max += tl.sum(dz_here * tl.load(plane + HW + dst_h * W + dst_w, mask=inside, other=0.0), axis=1)
         col_max = tl.load(plane + HW + hw, mask=hw_ok, other=0.0)
         mean_part = ds_mean / C
         max_part = ds_max / tl.load(plane + 2 * HW + hw, mask=hw_ok, other=1.0)

@@ -184,13 +184,13 @@ def spatial_gate_kernel(
     tap_ok = tap < K * K
     hh = h[None, :] + (tap // K - K // 2)[:, None]
     ww = w[None, :] + (tap % K - K // 2)[:, None]
-    ok = tap_ok[:, None] & hw_ok[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    inside = tap_ok[:, None] & hw_ok[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
     plane = plane_ptr + b * 4 * HW
     w_taps = w_ptr + (tap // K) * ws_h + (tap % K) * ws_w
     w_mean = tl.load(w_taps, mask=tap_ok, other=0.0).to(tl.float32)
     w_max = tl.load(w_taps + ws_c, mask=tap_ok, other=0.0).to(tl.float32)
-    z = tl.sum(w_mean[:, None] * tl.load(plane + hh * W + ww, mask=ok, other=0.0), axis=0)
-    z += tl.sum(w_max[:, None] * tl.load(plane + HW + hh * W + ww, mask=ok, other=0.0), axis=0)
+    z = tl.sum(w_mean[:, None] * tl.load(plane + hh * W + ww, mask=inside, other=0.0), axis=0)
+    z += tl.sum(w_max[:, None] * tl.load(plane + HW + hh * W + ww, mask=inside, other=0.0), axis=0)
     sg = tl.sigmoid(z)
     # one program per pixel block stores the gate; a scalar branch, not a block mask `hw_ok & (pid_c == 0)`: the
     # Triton 3.9 interpreter rejects a mask that mixes a block with a scalar ("mask has unsupported dtype")

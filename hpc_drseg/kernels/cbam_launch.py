@@ -24,6 +24,8 @@ from hpc_drseg.kernels.cbam_fwd import channel_mlp_kernel, channel_stats_kernel,
 MAX_TILE = 2048  # elements of one [BLOCK_C, BLOCK_HW] register tile (16 fp32 per thread at 4 warps)
 MIN_BLOCK_HW, MAX_BLOCK_HW = 16, 64  # pixels per program; 64 keeps the [taps, BLOCK_HW] conv gathers at 4096
 PROGRAMS_PER_SM = 4  # programs per launch we aim for on a GPU, so small maps (256×16×16) still fill the chip
+# B2 holds three [taps, BLOCK_HW] gathers at once: at 4 warps it spills registers on sm_90 (ptxas), at 8 it does not
+CHANNEL_GRAD_WARPS = 8
 INTERPRETER_PROGRAMS = 1  # the CPU interpreter runs programs one after another: fewest programs is fastest
 
 
@@ -238,7 +240,7 @@ def backward_passes(
     wrap_triton(channel_grad_kernel)[grids.grad](
         x_ptr=x, chan_ptr=chan, plane_ptr=plane, dz_ptr=dz, w_ptr=w_spatial, route_ptr=route, part_ptr=part,
         dws_part_ptr=dws_part, B=batch, C=channels, H=height, W=width, chunk=cfg.grad_chunk, ws_c=weights["ws_c"],
-        ws_h=weights["ws_h"], ws_w=weights["ws_w"], **strides, **taps, **blocks,
+        ws_h=weights["ws_h"], ws_w=weights["ws_w"], **strides, **taps, **blocks, num_warps=CHANNEL_GRAD_WARPS,
     )  # fmt: skip
     coef = torch.empty(2, batch, channels, **f32)
     dlogit = torch.empty(batch, channels, **f32)
