@@ -2,7 +2,8 @@
 `drseg bench masks`: what each mask-resize rule of `drseg shard` does to lesion area and microaneurysms.
 
 Layers: (a) augmentation alone per image on one core, per preset, plus what each paper transform costs when it fires
-and on average; (b) the whole train loader (shard read + PNG decode + augment + collate) for 1..N workers.
+and on average; (b) the whole train loader (shard read + PNG decode + augment + collate) for 1..N workers; (c) the
+on-device path (data.augment.where=device: decoded set on the device, augmented there in batches) beside it.
 Goal (Jithesh et al. at 512²): the paper preset sustains >= 60 samples/s per core, i.e. a 16-core node feeds >= 1000/s.
 """
 
@@ -183,6 +184,44 @@ def bench_loader(shards_dir: str | Path, workers: int, seconds: float, preset: s
     return _row("loader", f"{preset} @ {image_px}px", workers, samples, elapsed)
 
 
+def bench_device(
+    shards_dir: str | Path, seconds: float, preset: str, device: Optional[torch.device] = None, batch_size: int = 0
+) -> dict[str, Any]:
+    """(c) Samples/s of the on-device path (data.augment.where=device): the training set decoded onto `device`
+    (default: CUDA if present, else the CPU) and augmented there a batch at a time; loading is excluded. The batch
+    defaults to 32 on CUDA (the throughput goal's), 4 on the CPU (the loader rows')."""
+    from hpc_drseg.data.device_augment.batches import build_device_batches
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size = batch_size or (32 if device.type == "cuda" else 4)
+    batches = build_device_batches(
+        shards_dir, "train", batch_size, 0, 1, 0, AugmentConfig(preset=preset, where="device"), device, steps=10**9
+    )
+    stream = batches.epoch(0)
+    next(stream)  # the first batch pays one-off costs (blur factors, kernel launches set-up): not timed
+    _synchronize(device)
+    samples, start = 0, time.perf_counter()
+    for batch in stream:
+        samples += len(batch.ids)
+        if time.perf_counter() - start >= seconds:
+            break
+    _synchronize(device)
+    row = _row(
+        "device",
+        f"{preset} @ {batches.train_set.images.shape[1]}px on {device.type}",
+        0,
+        samples,
+        time.perf_counter() - start,
+    )
+    row["batch_size"] = batch_size
+    return row
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def benchmark_data(
     shards_dir: Optional[str | Path],
     workers: list[int],
@@ -208,6 +247,7 @@ def benchmark_data(
         rows += profile_transforms(samples, max(seconds / 4, 0.2))
         if shards_dir is not None:
             rows += [bench_loader(shards_dir, w, seconds, preset) for w in workers]
+            rows.append(bench_device(shards_dir, seconds, preset))
     return rows
 
 
@@ -248,6 +288,13 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"same output with stock albumentations classes: {base:.1f} samples/s per core; "
             f"the package's drop-in transforms are {rate / base:.2f}x that"
+        )
+    loaders, device = [r for r in rows if r["layer"] == "loader"], [r for r in rows if r["layer"] == "device"]
+    if loaders and device:
+        best = max(loaders, key=lambda r: r["samples_per_s"])
+        out.append(
+            f"input path: workers {best['samples_per_s']:.1f} img/s ({best['workers']} workers), on the device "
+            f"{device[0]['samples_per_s']:.1f} img/s ({device[0]['name']}, batch {device[0]['batch_size']})"
         )
     transforms = [r for r in rows if r["layer"] == "transform"]
     if transforms:

@@ -431,16 +431,17 @@ def test_rotate90_cv_is_byte_identical_to_numpy(shape):
         assert got.flags.c_contiguous
 
 
-def test_bench_runs_both_layers_and_formats_a_table(shards_dir):
+def test_bench_runs_every_layer_and_formats_a_table(shards_dir):
     from hpc_drseg.data.bench import benchmark_data, format_table
 
     rows = benchmark_data(shards_dir, [0], 0.05, image_px=PX)
     layers = Counter(r["layer"] for r in rows)
-    assert layers == {"augment": 4, "transform": 12, "stock": 2, "loader": 1}
+    assert layers == {"augment": 4, "transform": 12, "stock": 2, "loader": 1, "device": 1}
     assert all(r["samples"] > 0 and r["samples_per_s"] > 0 for r in rows)
     text = format_table(rows)
     assert "paper augmentation at 128px" in text and "costliest on average" in text
     assert "same output with stock albumentations classes" in text
+    assert "input path: workers" in text and "on the device" in text and "paper @ 128px on cpu" in text
     with pytest.raises(FileNotFoundError, match="drseg shard"):
         benchmark_data("/nonexistent/shards", [1], 1.0)
 
@@ -457,9 +458,26 @@ def test_normalize_values_dtype_and_memory_format():
     assert normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))[0, :, 0, 0].tolist() == pytest.approx(
         [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], abs=1e-6
     )
-    out_cl = normalize(image.contiguous(memory_format=torch.channels_last))
-    assert out_cl.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out_cl, out)
+    channels_last_input = image.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(normalize(channels_last_input), out) and normalize(channels_last_input).is_contiguous()
+    out_cl = normalize(image, channels_last=True)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(out_cl, out)
+    half = normalize(channels_last_input, torch.bfloat16, channels_last=True)
+    assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(half, out.to(torch.bfloat16))  # float32 value rounded once
+
+
+def test_normalize_is_the_fused_formula_bit_for_bit_with_constants_made_once_per_device():
+    from hpc_drseg.data import normalize as module
+
+    image = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+    assert torch.equal(normalize(image), (image.to(torch.float32) - mean) * inv_std)
+    made = module._constants.cache_info().misses
+    for _ in range(3):
+        normalize(image)
+    assert module._constants.cache_info().misses == made  # no tensor built (nor copied to a device) per call
 
 
 @pytest.mark.parametrize(
