@@ -67,6 +67,7 @@ def channel_mlp_kernel(
     w2_s1,
     BLOCK_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """F2, grid (B,): merges F1's partials into chan (4, B, C) = [avg_HW, max_HW, tie count, channel gate], the
     gate being sigmoid(W2·(relu(W1·avg) + relu(W1·max))): the second layer is linear, so MLP(a) + MLP(m) needs one
@@ -83,13 +84,19 @@ def channel_mlp_kernel(
         total = tl.zeros([BLOCK_C], dtype=tl.float32)
         hw_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
         count = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for split in range(splits):
-            src = part_ptr + (b * C + c) * splits + split
-            part_max = tl.load(src + n_part, mask=c_ok, other=float("-inf"))
-            part_cnt = tl.load(src + 2 * n_part, mask=c_ok, other=0.0)
-            count = tl.where(part_max > hw_max, part_cnt, tl.where(part_max == hw_max, count + part_cnt, count))
-            hw_max = tl.maximum(hw_max, part_max)
-            total += tl.load(src, mask=c_ok, other=0.0)
+        # BLOCK_S splits at a time as one [BLOCK_S, BLOCK_C] tile: one round trip to memory, not one per split
+        for s0 in range(0, splits, BLOCK_S):
+            split = s0 + tl.arange(0, BLOCK_S)
+            ok = (split < splits)[:, None] & c_ok[None, :]
+            src = part_ptr + ((b * C + c) * splits)[None, :] + split[:, None]
+            part_max = tl.load(src + n_part, mask=ok, other=float("-inf"))
+            block_max = tl.max(part_max, axis=0)
+            block_cnt = tl.sum(
+                tl.where(part_max == block_max[None, :], tl.load(src + 2 * n_part, mask=ok, other=0.0), 0.0), axis=0
+            )
+            count = tl.where(block_max > hw_max, block_cnt, tl.where(block_max == hw_max, count + block_cnt, count))
+            hw_max = tl.maximum(hw_max, block_max)
+            total += tl.sum(tl.load(src, mask=ok, other=0.0), axis=0)
         avg = total / HW
         hw_max = tl.where(c_ok, hw_max, 0.0)  # masked lanes are -inf, and -inf · 0 would be NaN in the products
         dst = chan_ptr + b * C + c

@@ -142,6 +142,15 @@ def _mlp_blocks(channels: int, hidden: int) -> dict[str, int]:
     return {"BLOCK_H": block_h, "BLOCK_C": max(1, min(triton.next_power_of_2(int(channels)), MAX_TILE // block_h))}
 
 
+def _weight_grad_blocks(channels: int, hidden: int) -> dict[str, int]:
+    """Tiles of B4's weight-gradient products: at least 16 each way (tl.dot), images in blocks of 16."""
+    block_h = max(16, triton.next_power_of_2(int(hidden)))
+    block_b = 16  # also rows of the [BLOCK_B, 2·K·K] dW_spatial tile, so no more
+    # 64 channels at a time: wider tiles raise the register count of all of B4 (its main part included) past 200
+    block_wc = max(16, min(triton.next_power_of_2(int(channels)), 64, MAX_TILE // block_h))
+    return {"BLOCK_H": block_h, "BLOCK_B": block_b, "BLOCK_WC": block_wc}
+
+
 # ------------------------------------------------------------------------------------------------ host-side passes
 def memory_format(x: Tensor) -> torch.memory_format:
     """channels_last if x is stored that way, else NCHW (a tensor dense in neither is copied to NCHW)."""
@@ -189,6 +198,7 @@ def forward_passes(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -
     blocks = {"BLOCK_C": cfg.block_c, "BLOCK_HW": cfg.block_hw}
     splits = grids.pool[2]
     part = torch.empty(3, batch, channels, splits, **f32)
+    mlp = _mlp_blocks(channels, hidden)
     wrap_triton(pool_hw_kernel)[grids.pool](
         x_ptr=x, part_ptr=part, C=channels, HW=hw, n_part=part[0].numel(), chunk=cfg.pool_chunk, splits=splits,
         **strides, **blocks,
@@ -196,7 +206,7 @@ def forward_passes(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -
     wrap_triton(channel_mlp_kernel)[(batch,)](
         part_ptr=part, w1_ptr=w_fc1, w2_ptr=w_fc2, chan_ptr=chan, B=batch, C=channels, HIDDEN=hidden, HW=hw,
         splits=splits, w1_s0=weights["w1_s0"], w1_s1=weights["w1_s1"], w2_s0=weights["w2_s0"],
-        w2_s1=weights["w2_s1"], **_mlp_blocks(channels, hidden),
+        w2_s1=weights["w2_s1"], **mlp, BLOCK_S=max(1, min(triton.next_power_of_2(splits), MAX_TILE // mlp["BLOCK_C"])),
     )  # fmt: skip
     wrap_triton(channel_stats_kernel)[grids.pixels](
         x_ptr=x, chan_ptr=chan, plane_ptr=plane, B=batch, C=channels, HW=hw, **strides, **blocks
@@ -259,7 +269,6 @@ def backward_passes(
         g_ptr=grad, x_ptr=x, chan_ptr=chan, plane_ptr=plane, route_ptr=route, coef_ptr=coef, dlogit_ptr=dlogit,
         hid_ptr=hid, dws_b_ptr=dws_b, dx_ptr=dx, dw1_ptr=dws[0], dw2_ptr=dws[1], dws_ptr=dws[2], B=batch,
         C=channels, HIDDEN=hidden, HW=hw, c_chunk=cfg.c_chunk, **strides, **weights, **taps2, **blocks,
-        BLOCK_WC=mlp["BLOCK_C"], BLOCK_H=mlp["BLOCK_H"],
-        BLOCK_B=max(1, min(triton.next_power_of_2(int(batch)), MAX_TILE // taps2["TAPS2"])),
+        **_weight_grad_blocks(channels, hidden),
     )  # fmt: skip
     return dx, *dws

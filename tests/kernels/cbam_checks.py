@@ -59,6 +59,8 @@ CASES: dict[str, dict[str, Any]] = {
         "dtype": "bfloat16",
         "channels_last": True,
     },
+    # more images than one block of B4's weight-gradient products (16)
+    "fp32_batch_17": {"channels": 8, "shape": (17, 3, 4), "k": 3},
     # as in training: bf16 activations, fp32 weights of a channels_last model (its (1, 2, 7, 7) weight is strided)
     "bf16_x_fp32_channels_last_weights": {
         **RAGGED,
