@@ -468,6 +468,13 @@ def cmd_bench_cbam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from hpc_drseg.gpu_check import PART_NAMES, run_gpu_check
+
+    parts = tuple(args.parts.split(",")) if args.parts else PART_NAMES
+    return run_gpu_check(args.out, deadline_s=args.deadline_s, dry_run=args.dry_run, parts=parts)
+
+
 def cmd_bench_metrics(args: argparse.Namespace) -> int:
     from hpc_drseg.metrics import bench
 
@@ -522,6 +529,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     cbam.add_argument("--image-px", type=int, default=512, help="side of the training-step comparison (default 512)")
     _add_step_args(cbam)
     cbam.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of the training step")
+    _add_bench_gpu(kinds)
+
+
+def _add_bench_gpu(kinds: argparse._SubParsersAction) -> None:
+    gpu = _command(
+        kinds, "gpu", cmd_bench_gpu, help="every GPU figure in one run under one deadline -> OUT/results.jsonl"
+    )
+    gpu.add_argument("--out", required=True, help="folder for results.jsonl, summary.txt and parts.log")
+    gpu.add_argument("--deadline-s", type=float, default=510.0, help="seconds the whole check may take (default 510)")
+    gpu.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; GPU-only parts recorded as skipped")
+    gpu.add_argument("--parts", default=None, help="comma-separated subset of the parts (default: all, in order)")
 
 
 # ------------------------------------------------------------------------------------------------------ sweeps

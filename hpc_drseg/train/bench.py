@@ -6,13 +6,15 @@ of steps after warm-up. FLOPs come from the model's flop count (models.describe_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -38,25 +40,73 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: process peak RSS
 
 
-def _random_batch(cfg: RunConfig, seed: int) -> Batch:
-    generator = torch.Generator().manual_seed(seed)
+def random_batch(cfg: RunConfig, seed: int, device: torch.device | str = "cpu") -> Batch:
+    """A training batch of random pixels and sparse lesions, laid out as the training stream yields them: (B, C, H, W)
+    uint8 views of NHWC storage (channels-last), made directly on `device` (so a step pays no host copy)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
     b, px = cfg.train.batch_size, cfg.data.image_px
-    image = torch.randint(0, 256, (b, 3, px, px), dtype=torch.uint8, generator=generator)
-    mask = (torch.rand((b, len(LESIONS), px, px), generator=generator) > 0.99).to(torch.uint8)
-    return Batch(image, mask, [f"random-{i}" for i in range(b)], None)
+    image = torch.randint(0, 256, (b, px, px, 3), dtype=torch.uint8, generator=generator, device=device)
+    mask = (torch.rand((b, px, px, len(LESIONS)), generator=generator, device=device) > 0.99).to(torch.uint8)
+    ids = [f"random-{i}" for i in range(b)]
+    return Batch(image.permute(0, 3, 1, 2), mask.permute(0, 3, 1, 2), ids, None)
 
 
-def _time_steps(trainer: Trainer, batches: Iterator[Batch], warmup: int, steps: int) -> float:
-    """Seconds per training step, mean over `steps` after `warmup` (loader time included if any)."""
-    device = trainer.accelerator.device
-    for _ in range(warmup):
-        trainer.train_step(next(batches))
+@dataclass(frozen=True)
+class StepTiming:
+    step_s: float
+    """Mean seconds per timed step (CUDA events around all of them on a GPU, the host clock on a CPU)."""
+    first_step_s: Optional[float]
+    """The first warm-up step alone (compilation, cuDNN autotuning, allocator growth); None without warm-up."""
+
+
+def time_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> StepTiming:
+    """Runs `warmup` untimed calls of `step` (the first one timed on its own), then times `steps` calls."""
+    first = None
+    for index in range(warmup):
+        _synchronize(device)
+        started = time.perf_counter()
+        step()
+        if index == 0:
+            _synchronize(device)
+            first = time.perf_counter() - started
     _synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return StepTiming(start.elapsed_time(end) / 1e3 / steps, first)
     started = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(next(batches))
-    _synchronize(device)
-    return (time.perf_counter() - started) / steps
+        step()
+    return StepTiming((time.perf_counter() - started) / steps, first)
+
+
+def time_trainer_steps(trainer: Trainer, batches: Iterator[Batch], warmup: int, steps: int) -> StepTiming:
+    """The trainer's real step path (`Trainer.train_step`) on the given batches (loader time included if any)."""
+    return time_steps(lambda: trainer.train_step(next(batches)), warmup, steps, trainer.accelerator.device)
+
+
+@contextlib.contextmanager
+def bench_trainer(cfg: RunConfig, steps_per_epoch: int) -> Iterator[Trainer]:
+    """A Trainer of `cfg` (its shards must exist) with a temporary run folder; shut down on the way out."""
+    with tempfile.TemporaryDirectory(prefix="drseg-bench-") as tmp:
+        values = config_to_dict(cfg)
+        values["train"].update(run_dir=str(Path(tmp) / "run"), steps_per_epoch=steps_per_epoch, max_steps=0)
+        trainer = Trainer(config_from_dict(values))
+        try:
+            yield trainer
+        finally:
+            trainer.train_batches.close()
+            trainer.logger.close()
+            shut_down(trainer.accelerator)
+            # Accelerate keeps one process-wide state: a later Trainer of this process (another precision) needs it
+            # cleared, or its Accelerator refuses the new setting.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
 
 
 def _ensure_shards(cfg: RunConfig, images: int, workdir: Path) -> tuple[RunConfig, str]:
@@ -78,28 +128,21 @@ def _ensure_shards(cfg: RunConfig, images: int, workdir: Path) -> tuple[RunConfi
 
 
 def benchmark_train(cfg: RunConfig, steps: int = 20, warmup: int = 3, log: Callable[[str], None] = print) -> dict:
-    """Runs `warmup + steps` training steps on random on-device batches, then on the loader's batches."""
+    """Runs `warmup + steps` training steps on random batches already on the device, then on the loader's batches."""
     if steps < 1 or warmup < 0:
         raise InputError(f"--steps {steps} / --warmup {warmup}: need at least 1 timed step and >= 0 warm-up steps")
     with tempfile.TemporaryDirectory(prefix="drseg-bench-") as tmp:
-        values = config_to_dict(cfg)
-        values["train"].update(run_dir=str(Path(tmp) / "run"), steps_per_epoch=warmup + steps, max_steps=0)
-        cfg = config_from_dict(values)
         # the training loader resamples shards, so a few hundred images feed any number of steps
         images = min((warmup + steps) * cfg.train.batch_size, _SYNTHETIC_IMAGES_MAX)
         cfg, data_source = _ensure_shards(cfg, images, Path(tmp))
-        trainer = Trainer(cfg)
-        try:
+        with bench_trainer(cfg, warmup + steps) as trainer:
             device = trainer.accelerator.device
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            batch = _random_batch(cfg, cfg.train.seed)
-            no_loader = _time_steps(trainer, iter(lambda: batch, None), warmup, steps)
-            with_loader = _time_steps(trainer, iter(trainer._train_batches(0)), warmup, steps)
+            batch = random_batch(cfg, cfg.train.seed, device)
+            no_loader = time_trainer_steps(trainer, iter(lambda: batch, None), warmup, steps).step_s
+            with_loader = time_trainer_steps(trainer, iter(trainer._train_batches(0)), warmup, steps).step_s
             result = _summary(cfg, trainer, no_loader, with_loader, data_source)
-        finally:
-            trainer.logger.close()
-            shut_down(trainer.accelerator)
     log(format_result(result))
     return result
 
