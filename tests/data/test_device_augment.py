@@ -397,3 +397,14 @@ def test_same_seed_same_batch_bit_for_bit_other_seed_other_batch():
     other = aug(images, masks, torch.Generator().manual_seed(43))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_seed_fixes_the_batch_and_masks_stay_binary():
+    images, masks = (t.cuda() for t in _batch())
+    aug = build_device_augment(AugmentConfig(), N, torch.device("cuda"))
+    first = aug(images, masks, torch.Generator(device="cuda").manual_seed(5))
+    again = aug(images, masks, torch.Generator(device="cuda").manual_seed(5))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert set(first[1].unique().tolist()) <= {0, 1} and first[0].is_contiguous(memory_format=torch.channels_last)

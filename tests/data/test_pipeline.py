@@ -490,3 +490,19 @@ def test_images_at_another_size_than_the_manifest_are_refused(shards_dir, tmp_pa
     pattern = rf"shard {copy}/{split}-00000\d\.tar: sample '[^']+' is 64×64 px but .* says image_px=128"
     with pytest.raises(ValueError, match=pattern):
         list(_train(copy) if split == "train" else build_eval_loader(copy, split, 2, 0, 1, 0))
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_pinned_batches_keep_their_layout_on_the_way_to_the_gpu(shards_dir: Path) -> None:
+    stream = _run_batches(shards_dir, num_workers=1, pin_memory=True)
+    batch = next(stream.epoch(0))
+    assert batch.image.is_pinned() and batch.mask.is_pinned()
+    assert batch.image.is_contiguous(memory_format=torch.channels_last)
+    image = batch.image.to("cuda", non_blocking=True)
+    assert image.is_contiguous(memory_format=torch.channels_last) and torch.equal(image.cpu(), batch.image)
+    stream.close()
