@@ -147,7 +147,11 @@ class TrainBatches:
 
     def _take(self, epoch: int, start: int) -> Iterator[Batch]:
         for step in range(start, self.steps):
-            batch = next(self._batches, None)
+            try:
+                batch = next(self._batches, None)
+            except BaseException:
+                self.close()  # a worker's error ended the DataLoader: a later epoch() starts a new one
+                raise
             if batch is None or (batch.epoch, batch.step) != (epoch, step):
                 got = "the end of the stream" if batch is None else f"epoch {batch.epoch} batch {batch.step}"
                 raise RuntimeError(f"training stream out of step: expected epoch {epoch} batch {step}, got {got}")

@@ -34,6 +34,8 @@ class DeviceAugment:
     def __init__(self, probs: Probabilities, image_px: int, device: torch.device, border: str = "reflect_101") -> None:
         self.probs, self.image_px = probs, image_px
         self.geometry = Geometry(image_px, device, border)
+        # Photometric steps that can never fire (preset 'light') are skipped: the same output, less work.
+        self.photometric = probs.colour > 0 or probs.noise > 0 or probs.blur > 0
 
     def __call__(
         self, image: torch.Tensor, packed: torch.Tensor, generator: torch.Generator
@@ -47,7 +49,8 @@ class DeviceAugment:
         picture = channels_last_view(image).to(torch.float32)
         planes = packed[:, None].to(torch.float32)
         picture, planes = self.geometry.warp(picture, planes, params)
-        picture = apply_photometric(picture, params)
+        if self.photometric:
+            picture = apply_photometric(picture, params)
         out = picture.round_().clamp_(0.0, 255.0).to(torch.uint8, memory_format=torch.channels_last)
         return out, unpack(planes[:, 0].round().to(torch.uint8))
 
