@@ -220,7 +220,9 @@ def input_grad_kernel(
     g_ptr,
     x_ptr,
     chan_ptr,
+    chan_idx_ptr,
     plane_ptr,
+    plane_idx_ptr,
     route_ptr,
     coef_ptr,
     dlogit_ptr,
@@ -254,13 +256,16 @@ def input_grad_kernel(
     BLOCK_B: tl.constexpr,
 ):
     """B4 main part, grid (H·W blocks, B, C chunks): dx = dx1·gate + coef_avg + coef_max·[x = max_HW x] with
-    dx1 = g·sg + route0 + route1·[x1 = max_C x1], x1 = x·gate recomputed. Then the weight gradients."""
+    dx1 = g·sg + route0 + route1·[x1 = max_C x1]. Where a max is unique the indicator is its stored position (F2's
+    chan_idx, F3's plane_idx), so x is read only in rows or columns whose max ties. Then the weight gradients."""
     b = tl.program_id(1)
     pid_c = tl.program_id(2)
     hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
     plane = plane_ptr + b * 4 * HW + hw
     col_max = tl.load(plane + HW, mask=hw_ok, other=0.0)[None, :]
+    col_tied = (tl.load(plane + 2 * HW, mask=hw_ok, other=1.0) > 1.0)[None, :]
+    col_argmax = tl.load(plane_idx_ptr + b * HW + hw, mask=hw_ok, other=-1)[None, :]
     sg = tl.load(plane + 3 * HW, mask=hw_ok, other=0.0)[None, :]
     mean_part = tl.load(route_ptr + b * 2 * HW + hw, mask=hw_ok, other=0.0)[None, :]
     max_part = tl.load(route_ptr + b * 2 * HW + HW + hw, mask=hw_ok, other=0.0)[None, :]
@@ -271,12 +276,17 @@ def input_grad_kernel(
         offs = b * stride_b + c[:, None] * stride_c + hw[None, :] * stride_hw
         bc = b * C + c
         gate = tl.load(chan_ptr + 3 * B * C + bc, mask=c_ok, other=0.0)[:, None]
-        v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        dx1 = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32) * sg + mean_part
-        dx1 += tl.where(v * gate == col_max, max_part, 0.0)
         hw_max = tl.load(chan_ptr + B * C + bc, mask=c_ok, other=0.0)[:, None]
+        row_tied = (tl.load(chan_ptr + 2 * B * C + bc, mask=c_ok, other=1.0) > 1.0)[:, None]
+        row_argmax = tl.load(chan_idx_ptr + bc, mask=c_ok, other=-1)[:, None]
+        # masked-off lanes move no memory: x comes in only where a tie must be resolved by value
+        v = tl.load(x_ptr + offs, mask=ok & (row_tied | col_tied), other=0.0).to(tl.float32)
+        is_col_max = tl.where(col_tied, v * gate == col_max, c[:, None] == col_argmax)
+        is_row_max = tl.where(row_tied, v == hw_max, hw[None, :] == row_argmax)
+        dx1 = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32) * sg + mean_part
+        dx1 += tl.where(is_col_max, max_part, 0.0)
         dx = dx1 * gate + tl.load(coef_ptr + bc, mask=c_ok, other=0.0)[:, None]
-        dx += tl.where(v == hw_max, tl.load(coef_ptr + B * C + bc, mask=c_ok, other=0.0)[:, None], 0.0)
+        dx += tl.where(is_row_max, tl.load(coef_ptr + B * C + bc, mask=c_ok, other=0.0)[:, None], 0.0)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     # the first pixel block of image 0 of each channel chunk also writes the weight gradients of its channels:
     # sums over the batch of B3's factors, in a fixed order (no atomics: the same bits every run)

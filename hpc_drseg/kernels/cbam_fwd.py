@@ -13,6 +13,7 @@ import triton.language as tl
 def pool_hw_kernel(
     x_ptr,
     part_ptr,
+    part_idx_ptr,
     C,
     HW,
     n_part,
@@ -25,7 +26,7 @@ def pool_hw_kernel(
     BLOCK_HW: tl.constexpr,
 ):
     """F1, grid (B, C blocks, H·W splits): sum, max and tie count of the max of x over one chunk of pixels, into
-    part (3, B, C, splits) (n_part = B·C·splits elements per row)."""
+    part (3, B, C, splits) (n_part = B·C·splits elements per row), and a pixel holding that max into part_idx."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
@@ -34,28 +35,34 @@ def pool_hw_kernel(
     acc_sum = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     acc_max = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), tl.float32)
     acc_cnt = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    acc_idx = tl.full([BLOCK_C, BLOCK_HW], -1, tl.int32)
     for start in range(0, chunk, BLOCK_HW):
         hw = split * chunk + start + tl.arange(0, BLOCK_HW)
         ok = c_ok[:, None] & (hw < HW)[None, :]
         v = tl.load(rows + hw[None, :] * stride_hw, mask=ok, other=0.0).to(tl.float32)
         acc_sum += v
-        # per-lane running max and tie count; merged across lanes once, after the loop
+        # per-lane running max, tie count and where the max was; merged across lanes once, after the loop
         v = tl.where(ok, v, float("-inf"))
         acc_cnt = tl.where(v > acc_max, 1.0, tl.where(ok & (v == acc_max), acc_cnt + 1.0, acc_cnt))
+        acc_idx = tl.where(v > acc_max, hw[None, :], acc_idx)
         acc_max = tl.maximum(acc_max, v)
     row_max = tl.max(acc_max, axis=1)
-    out = part_ptr + (b * C + c) * splits + split
-    tl.store(out, tl.sum(acc_sum, axis=1), mask=c_ok)
-    tl.store(out + n_part, row_max, mask=c_ok)
-    tl.store(out + 2 * n_part, tl.sum(tl.where(acc_max == row_max[:, None], acc_cnt, 0.0), axis=1), mask=c_ok)
+    at_max = acc_max == row_max[:, None]
+    out = (b * C + c) * splits + split
+    tl.store(part_ptr + out, tl.sum(acc_sum, axis=1), mask=c_ok)
+    tl.store(part_ptr + out + n_part, row_max, mask=c_ok)
+    tl.store(part_ptr + out + 2 * n_part, tl.sum(tl.where(at_max, acc_cnt, 0.0), axis=1), mask=c_ok)
+    tl.store(part_idx_ptr + out, tl.max(tl.where(at_max, acc_idx, -1), axis=1), mask=c_ok)
 
 
 @triton.jit
 def channel_mlp_kernel(
     part_ptr,
+    part_idx_ptr,
     w1_ptr,
     w2_ptr,
     chan_ptr,
+    chan_idx_ptr,
     B,
     C,
     HIDDEN,
@@ -69,9 +76,9 @@ def channel_mlp_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """F2, grid (B,): merges F1's partials into chan (4, B, C) = [avg_HW, max_HW, tie count, channel gate], the
-    gate being sigmoid(W2·(relu(W1·avg) + relu(W1·max))): the second layer is linear, so MLP(a) + MLP(m) needs one
-    W2 product."""
+    """F2, grid (B,): merges F1's partials into chan (4, B, C) = [avg_HW, max_HW, tie count, channel gate] and
+    chan_idx (B, C) = a pixel holding max_HW; the gate is sigmoid(W2·(relu(W1·avg) + relu(W1·max))): the second
+    layer is linear, so MLP(a) + MLP(m) needs one W2 product."""
     b = tl.program_id(0)
     n_part = B * C * splits
     h = tl.arange(0, BLOCK_H)
@@ -84,17 +91,22 @@ def channel_mlp_kernel(
         total = tl.zeros([BLOCK_C], dtype=tl.float32)
         hw_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
         count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        hw_idx = tl.full([BLOCK_C], -1, tl.int32)
         # BLOCK_S splits at a time as one [BLOCK_S, BLOCK_C] tile: one round trip to memory, not one per split
         for s0 in range(0, splits, BLOCK_S):
             split = s0 + tl.arange(0, BLOCK_S)
             ok = (split < splits)[:, None] & c_ok[None, :]
-            src = part_ptr + ((b * C + c) * splits)[None, :] + split[:, None]
+            offs = ((b * C + c) * splits)[None, :] + split[:, None]
+            src = part_ptr + offs
             part_max = tl.load(src + n_part, mask=ok, other=float("-inf"))
             block_max = tl.max(part_max, axis=0)
             block_cnt = tl.sum(
                 tl.where(part_max == block_max[None, :], tl.load(src + 2 * n_part, mask=ok, other=0.0), 0.0), axis=0
             )
             count = tl.where(block_max > hw_max, block_cnt, tl.where(block_max == hw_max, count + block_cnt, count))
+            part_idx = tl.load(part_idx_ptr + offs, mask=ok, other=-1)
+            block_idx = tl.max(tl.where(part_max == block_max[None, :], part_idx, -1), axis=0)
+            hw_idx = tl.where(block_max > hw_max, block_idx, hw_idx)
             hw_max = tl.maximum(hw_max, block_max)
             total += tl.sum(tl.load(src, mask=ok, other=0.0), axis=0)
         avg = total / HW
@@ -103,6 +115,7 @@ def channel_mlp_kernel(
         tl.store(dst, avg, mask=c_ok)
         tl.store(dst + B * C, hw_max, mask=c_ok)
         tl.store(dst + 2 * B * C, count, mask=c_ok)
+        tl.store(chan_idx_ptr + b * C + c, hw_idx, mask=c_ok)
         tile_ok = h_ok[:, None] & c_ok[None, :]
         w1 = tl.load(w1_ptr + h[:, None] * w1_s0 + c[None, :] * w1_s1, mask=tile_ok, other=0.0).to(tl.float32)
         pre_avg += tl.sum(w1 * avg[None, :], axis=1)
@@ -122,6 +135,7 @@ def channel_stats_kernel(
     x_ptr,
     chan_ptr,
     plane_ptr,
+    plane_idx_ptr,
     B,
     C,
     HW,
@@ -131,7 +145,8 @@ def channel_stats_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """F3, grid (H·W blocks, B): plane[b, 0:3, pixels] = mean_C, max_C and tie count of the max of x1 = x·gate."""
+    """F3, grid (H·W blocks, B): plane[b, 0:3, pixels] = mean_C, max_C and tie count of the max of x1 = x·gate;
+    plane_idx[b, pixels] = a channel holding that max."""
     b = tl.program_id(1)
     hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
@@ -139,6 +154,7 @@ def channel_stats_kernel(
     acc_sum = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     acc_max = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), tl.float32)
     acc_cnt = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    acc_idx = tl.full([BLOCK_C, BLOCK_HW], -1, tl.int32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
@@ -148,12 +164,15 @@ def channel_stats_kernel(
         acc_sum += x1
         x1 = tl.where(ok, x1, float("-inf"))
         acc_cnt = tl.where(x1 > acc_max, 1.0, tl.where(ok & (x1 == acc_max), acc_cnt + 1.0, acc_cnt))
+        acc_idx = tl.where(x1 > acc_max, c[:, None], acc_idx)
         acc_max = tl.maximum(acc_max, x1)
     col_max = tl.max(acc_max, axis=0)
+    at_max = acc_max == col_max[None, :]
     plane = plane_ptr + b * 4 * HW + hw
     tl.store(plane, tl.sum(acc_sum, axis=0) / C, mask=hw_ok)
     tl.store(plane + HW, col_max, mask=hw_ok)
-    tl.store(plane + 2 * HW, tl.sum(tl.where(acc_max == col_max[None, :], acc_cnt, 0.0), axis=0), mask=hw_ok)
+    tl.store(plane + 2 * HW, tl.sum(tl.where(at_max, acc_cnt, 0.0), axis=0), mask=hw_ok)
+    tl.store(plane_idx_ptr + b * HW + hw, tl.max(tl.where(at_max, acc_idx, -1), axis=0), mask=hw_ok)
 
 
 @triton.jit

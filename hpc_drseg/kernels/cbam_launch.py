@@ -24,8 +24,11 @@ from hpc_drseg.kernels.cbam_fwd import channel_mlp_kernel, channel_stats_kernel,
 MAX_TILE = 2048  # elements of one [BLOCK_C, BLOCK_HW] register tile (16 fp32 per thread at 4 warps)
 MIN_BLOCK_HW, MAX_BLOCK_HW = 16, 64  # pixels per program; 64 keeps the [taps, BLOCK_HW] conv gathers at 4096
 PROGRAMS_PER_SM = 4  # programs per launch we aim for on a GPU, so small maps (256×16×16) still fill the chip
-# B2 holds three [taps, BLOCK_HW] gathers at once: at 4 warps it spills registers on sm_90 (ptxas), at 8 it does not
-CHANNEL_GRAD_WARPS = 8
+# Warps of the kernels that stream a [BLOCK_C, BLOCK_HW] tile (F1, F3, F4, B1, B2), from ptxas's register counts on
+# sm_90 at the paper's two sites: 8 warps halve the registers per thread (≈150 → ≈75: more warps in flight to hide
+# memory latency), and B2, which holds three [taps, BLOCK_HW] gathers, spills at 4. B4 spills at 8 and keeps the
+# default 4, as do the one-program-per-image MLP kernels. Not yet timed on a GPU.
+STREAM_WARPS = 8
 INTERPRETER_PROGRAMS = 1  # the CPU interpreter runs programs one after another: fewest programs is fastest
 
 
@@ -180,8 +183,8 @@ def _weight_strides(w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> dict[str
     }
 
 
-def forward_passes(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, chan (4, B, C), plane (B, 4, H, W)) from launches F1–F4."""
+def forward_passes(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> tuple[Tensor, ...]:
+    """(out, chan (4, B, C), plane (B, 4, H, W), chan_idx (B, C), plane_idx (B, H, W)) from launches F1–F4."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     batch, channels, height, width = x.shape
@@ -190,37 +193,50 @@ def forward_passes(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     chan = torch.empty(4, batch, channels, **f32)
     plane = torch.empty(batch, 4, height, width, **f32)
+    chan_idx = torch.empty(batch, channels, dtype=torch.int32, device=x.device)
+    plane_idx = torch.empty(batch, height, width, dtype=torch.int32, device=x.device)
     if batch == 0:
-        return out, chan, plane
+        return out, chan, plane, chan_idx, plane_idx
     cfg = launch_config(batch, channels, hw, target_programs(x.device))
     grids = cfg.grids(batch, channels, hw)
     strides, weights = _strides(channels, hw, fmt), _weight_strides(w_fc1, w_fc2, w_spatial)
     blocks = {"BLOCK_C": cfg.block_c, "BLOCK_HW": cfg.block_hw}
     splits = grids.pool[2]
     part = torch.empty(3, batch, channels, splits, **f32)
+    part_idx = torch.empty(batch, channels, splits, dtype=torch.int32, device=x.device)
     mlp = _mlp_blocks(channels, hidden)
     wrap_triton(pool_hw_kernel)[grids.pool](
-        x_ptr=x, part_ptr=part, C=channels, HW=hw, n_part=part[0].numel(), chunk=cfg.pool_chunk, splits=splits,
-        **strides, **blocks,
+        x_ptr=x, part_ptr=part, part_idx_ptr=part_idx, C=channels, HW=hw, n_part=part[0].numel(),
+        chunk=cfg.pool_chunk, splits=splits, **strides, **blocks, num_warps=STREAM_WARPS,
     )  # fmt: skip
     wrap_triton(channel_mlp_kernel)[(batch,)](
-        part_ptr=part, w1_ptr=w_fc1, w2_ptr=w_fc2, chan_ptr=chan, B=batch, C=channels, HIDDEN=hidden, HW=hw,
-        splits=splits, w1_s0=weights["w1_s0"], w1_s1=weights["w1_s1"], w2_s0=weights["w2_s0"],
-        w2_s1=weights["w2_s1"], **mlp, BLOCK_S=max(1, min(triton.next_power_of_2(splits), MAX_TILE // mlp["BLOCK_C"])),
+        part_ptr=part, part_idx_ptr=part_idx, w1_ptr=w_fc1, w2_ptr=w_fc2, chan_ptr=chan, chan_idx_ptr=chan_idx,
+        B=batch, C=channels, HIDDEN=hidden, HW=hw, splits=splits, w1_s0=weights["w1_s0"], w1_s1=weights["w1_s1"],
+        w2_s0=weights["w2_s0"], w2_s1=weights["w2_s1"], **mlp,
+        BLOCK_S=max(1, min(triton.next_power_of_2(splits), MAX_TILE // mlp["BLOCK_C"])),
     )  # fmt: skip
     wrap_triton(channel_stats_kernel)[grids.pixels](
-        x_ptr=x, chan_ptr=chan, plane_ptr=plane, B=batch, C=channels, HW=hw, **strides, **blocks
-    )
+        x_ptr=x, chan_ptr=chan, plane_ptr=plane, plane_idx_ptr=plane_idx, B=batch, C=channels, HW=hw, **strides,
+        **blocks, num_warps=STREAM_WARPS,
+    )  # fmt: skip
     wrap_triton(spatial_gate_kernel)[grids.chunks](
         x_ptr=x, chan_ptr=chan, plane_ptr=plane, w_ptr=w_spatial, out_ptr=out, B=batch, C=channels, H=height,
         W=width, c_chunk=cfg.c_chunk, ws_c=weights["ws_c"], ws_h=weights["ws_h"], ws_w=weights["ws_w"],
-        K=k, TAPS=triton.next_power_of_2(k * k), **strides, **blocks,
+        K=k, TAPS=triton.next_power_of_2(k * k), **strides, **blocks, num_warps=STREAM_WARPS,
     )  # fmt: skip
-    return out, chan, plane
+    return out, chan, plane, chan_idx, plane_idx
 
 
 def backward_passes(
-    grad: Tensor, x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor, chan: Tensor, plane: Tensor
+    grad: Tensor,
+    x: Tensor,
+    w_fc1: Tensor,
+    w_fc2: Tensor,
+    w_spatial: Tensor,
+    chan: Tensor,
+    plane: Tensor,
+    chan_idx: Tensor,
+    plane_idx: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW_fc1, dW_fc2, dW_spatial) from launches B1–B4; weight gradients in the weights' dtypes and strides."""
     fmt = memory_format(x)
@@ -245,12 +261,12 @@ def backward_passes(
     dws_part = torch.empty(batch, programs, 2 * k * k, **f32)
     wrap_triton(spatial_grad_kernel)[grids.grad](
         g_ptr=grad, x_ptr=x, chan_ptr=chan, plane_ptr=plane, dz_ptr=dz, part_ptr=part, B=batch, C=channels, HW=hw,
-        chunk=cfg.grad_chunk, **strides, **blocks,
+        chunk=cfg.grad_chunk, **strides, **blocks, num_warps=STREAM_WARPS,
     )  # fmt: skip
     wrap_triton(channel_grad_kernel)[grids.grad](
         x_ptr=x, chan_ptr=chan, plane_ptr=plane, dz_ptr=dz, w_ptr=w_spatial, route_ptr=route, part_ptr=part,
         dws_part_ptr=dws_part, B=batch, C=channels, H=height, W=width, chunk=cfg.grad_chunk, ws_c=weights["ws_c"],
-        ws_h=weights["ws_h"], ws_w=weights["ws_w"], **strides, **taps, **blocks, num_warps=CHANNEL_GRAD_WARPS,
+        ws_h=weights["ws_h"], ws_w=weights["ws_w"], **strides, **taps, **blocks, num_warps=STREAM_WARPS,
     )  # fmt: skip
     coef = torch.empty(2, batch, channels, **f32)
     dlogit = torch.empty(batch, channels, **f32)
@@ -266,7 +282,8 @@ def backward_passes(
         **taps2, **mlp,
     )  # fmt: skip
     wrap_triton(input_grad_kernel)[grids.chunks](
-        g_ptr=grad, x_ptr=x, chan_ptr=chan, plane_ptr=plane, route_ptr=route, coef_ptr=coef, dlogit_ptr=dlogit,
+        g_ptr=grad, x_ptr=x, chan_ptr=chan, chan_idx_ptr=chan_idx, plane_ptr=plane, plane_idx_ptr=plane_idx,
+        route_ptr=route, coef_ptr=coef, dlogit_ptr=dlogit,
         hid_ptr=hid, dws_b_ptr=dws_b, dx_ptr=dx, dw1_ptr=dws[0], dw2_ptr=dws[1], dws_ptr=dws[2], B=batch,
         C=channels, HIDDEN=hidden, HW=hw, c_chunk=cfg.c_chunk, **strides, **weights, **taps2, **blocks,
         **_weight_grad_blocks(channels, hidden),

@@ -3,24 +3,28 @@
 autograd formula built from `hpc_drseg::cbam_fused_backward`. `cbam_forward(x, w_fc1, w_fc2, w_spatial)` is the hook
 models/cbam.py calls. Kernels: cbam_fwd.py, cbam_bwd.py; launches and buffers: cbam_launch.py.
 
-Design: 8 launches and 10 passes over a (B, C, H, W) tensor for forward + backward. A pass is one read or write of
-x, out, the upstream gradient g or dx; everything else is fp32 and at most 4·B·H·W or B·C·P elements (P ≤ a few
+Design: 8 launches and 9 passes over a (B, C, H, W) tensor for forward + backward. A pass is one read or write of
+x, out, the upstream gradient g or dx; everything else is small: at most 4·B·H·W or B·C·P elements (P ≤ a few
 programs per image). Stored for backward: chan (4, B, C) = [avg_HW x, max_HW x, tie count of that max, channel gate
-cg], plane (B, 4, H, W) = [mean_C x1, max_C x1, tie count of that max, spatial gate sg], x1 = x·cg never stored.
+cg], plane (B, 4, H, W) = [mean_C x1, max_C x1, tie count of that max, spatial gate sg], both fp32, and the argmax
+planes chan_idx (B, C) (a pixel holding max_HW x) and plane_idx (B, H, W) (a channel holding max_C x1), int32;
+x1 = x·cg is never stored.
   forward   F1 pool_hw         reads x      partial sum / max / tie count per H·W chunk
-            F2 channel_mlp     (B programs) merges them -> chan[0:3]; cg = sigmoid(W2(relu(W1 avg) + relu(W1 max)))
-            F3 channel_stats   reads x      plane[0:3] of x1
+            F2 channel_mlp     (B programs) merges them -> chan[0:3], chan_idx; cg = sigmoid(W2(relu(W1 avg) +
+                                            relu(W1 max)))
+            F3 channel_stats   reads x      plane[0:3] of x1, plane_idx
             F4 spatial_gate    reads x, writes out   sg = sigmoid(conv_k×k(plane[0:2])) -> plane[3]; out = x1·sg
   backward  B1 spatial_grad    reads g, x   dz = Σ_C(g·x1)·sg(1 − sg); dL/dcg partials Σ_HW g·sg·x
             B2 channel_grad    reads x      ds = conv_transpose(dz) routed to x1 (ds_mean / C, ds_max / tie count);
                                             dL/dcg partials += Σ_HW x·routed; dW_spatial partials
             B3 mlp_backward    (B programs) the MLP's backward per image: per-channel coefficients of the pooling
                                             gradients, factors of dW1 and dW2
-            B4 input_grad      reads g, x, writes dx   dx = dx1·cg + coef_avg + coef_max·[x = max_HW x]; its first
+            B4 input_grad      reads g, writes dx   dx = dx1·cg + coef_avg + coef_max·[x = max_HW x]; its first
                                             programs also sum dW1, dW2, dW_spatial over the batch (fixed order)
 Max ties follow torch.amax's backward (the eager reference): the gradient is split evenly among all tied entries,
-for both the global H·W max and the per-pixel channel max; the tie indicators are recomputed from x (which B2 and
-B4 read anyway) against the stored maxima and counts. No atomics: results are the same bits on every run.
+for both the global H·W max and the per-pixel channel max, by the tie counts of the forward pass. Where a max is
+unique, B4 takes it from the argmax planes; only rows or columns whose max ties (a dead channel after a ReLU, an
+all-zero pixel) make B4 read x there to find the tied entries. No atomics: the same bits on every run.
 """
 
 from __future__ import annotations
@@ -88,18 +92,28 @@ def _check_inputs(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) ->
 
 
 # ------------------------------------------------------------------------------------------------- the ops
-def _cbam_fused(x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, chan, plane): the CBAM output in x's dtype and memory format, plus the fp32 statistics the backward
-    reuses (see the module docstring)."""
+def _cbam_fused(
+    x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, chan, plane, chan_idx, plane_idx): the CBAM output in x's dtype and memory format, plus the statistics
+    the backward reuses (see the module docstring)."""
     _check_inputs(x, w_fc1, w_fc2, w_spatial)
     return forward_passes(x, w_fc1, w_fc2, w_spatial)
 
 
 def _cbam_fused_backward(
-    grad: Tensor, x: Tensor, w_fc1: Tensor, w_fc2: Tensor, w_spatial: Tensor, chan: Tensor, plane: Tensor
+    grad: Tensor,
+    x: Tensor,
+    w_fc1: Tensor,
+    w_fc2: Tensor,
+    w_spatial: Tensor,
+    chan: Tensor,
+    plane: Tensor,
+    chan_idx: Tensor,
+    plane_idx: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW_fc1, dW_fc2, dW_spatial) of `cbam_fused`'s first output, from the saved chan and plane."""
-    return backward_passes(grad, x, w_fc1, w_fc2, w_spatial, chan, plane)
+    """(dx, dW_fc1, dW_fc2, dW_spatial) of `cbam_fused`'s first output, from the saved statistics."""
+    return backward_passes(grad, x, w_fc1, w_fc2, w_spatial, chan, plane, chan_idx, plane_idx)
 
 
 def _register(name: str, fn):  # noqa: ANN001, ANN202 (torch.library's own types)
@@ -118,16 +132,15 @@ cbam_fused_backward = _register("hpc_drseg::cbam_fused_backward", _cbam_fused_ba
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001 (autograd's ctx)
-    x, w_fc1, w_fc2, w_spatial = inputs
-    _, chan, plane = output
-    ctx.mark_non_differentiable(chan, plane)
-    # chan and plane get no gradient: without this autograd would fill zeros for them, two more launches
+    _, *stats = output
+    ctx.mark_non_differentiable(*stats)
+    # the statistics get no gradient: without this autograd would fill zeros for them, four more launches
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, w_fc1, w_fc2, w_spatial, chan, plane)
+    ctx.save_for_backward(*inputs, *stats)
 
 
 def _cbam_fused_autograd(ctx, grad_out: Tensor | None, *_stat_grads: Tensor | None) -> tuple[Tensor, ...]:  # noqa: ANN001
-    # chan and plane are saved statistics, not results: their gradients are ignored (and never double-differentiated)
+    # the statistics are saved for backward, not results: their gradients are ignored (never double-differentiated)
     x = ctx.saved_tensors[0]
     if grad_out is None:  # out itself did not reach the loss
         grad_out = torch.zeros_like(x)

@@ -1,10 +1,13 @@
 """The fused CBAM's kernels compile for an H100/H200 (sm_90: Triton IR → PTX → cubin with the bundled ptxas) with
 exactly the arguments, block sizes and warps the launcher picks at the paper's two CBAM sites: catches what the CPU
-interpreter cannot (type rules of compiled Triton, register tiles), without a GPU. Launches are recorded, not run."""
+interpreter cannot (type rules of compiled Triton, register spills), without a GPU. Launches are recorded, not run."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from hpc_drseg.kernels import cbam_launch  # noqa: E402
 
 H200_SMS = 132
-POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32"}
 SITES = {"aspp_os32": (16, 256, 16, 16), "low_level": (16, 48, 128, 128)}
 
 
@@ -36,8 +39,8 @@ def recorded_launches(shape: tuple[int, int, int, int], monkeypatch: pytest.Monk
     hidden = max(1, c // 16)
     weights = [torch.empty(hidden, c, 1, 1, **meta), torch.empty(c, hidden, 1, 1, **meta)]
     weights.append(torch.empty(1, 2, 7, 7, **meta).contiguous(memory_format=torch.channels_last))
-    out, chan, plane = cbam_launch.forward_passes(x, *weights)
-    cbam_launch.backward_passes(out, x, *weights, chan, plane)
+    out, *stats = cbam_launch.forward_passes(x, *weights)
+    cbam_launch.backward_passes(out, x, *weights, *stats)
     return calls
 
 
@@ -65,8 +68,27 @@ def compile_for_sm90(kernel: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return compiled.asm
 
 
+def spilled_bytes(ptx: str, tmp_path: Path) -> int | None:
+    """Bytes of registers ptxas spills for this PTX on sm_90a (its -v report), None if Triton's ptxas is not found."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        return None
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    report = subprocess.run(
+        [ptxas, "--gpu-name", "sm_90a", "-v", str(source), "-o", str(tmp_path / "kernel.cubin")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
+
+
 @pytest.mark.parametrize("site", list(SITES))
-def test_kernels_compile_for_sm90_as_launched(site, monkeypatch):
+def test_kernels_compile_for_sm90_as_launched(site, monkeypatch, tmp_path):
     if cbam_launch.KERNELS_INTERPRETED:
         pytest.skip("this pytest process runs under TRITON_INTERPRET=1: the kernels are interpreted here")
     if "nvidia" not in triton.backends.backends:
@@ -77,3 +99,5 @@ def test_kernels_compile_for_sm90_as_launched(site, monkeypatch):
         assert max(grid[1:], default=1) <= 65535, (kernel.__name__, grid)
         asm = compile_for_sm90(kernel, kwargs)
         assert asm.get("cubin"), kernel.__name__  # ptxas assembled it
+        # register spills would turn these streaming kernels' tiles into local-memory traffic
+        assert spilled_bytes(asm["ptx"], tmp_path) in (0, None), kernel.__name__

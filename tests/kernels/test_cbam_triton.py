@@ -143,13 +143,18 @@ def test_fake_impl_matches_real_layout(channels_last):
     """torch.compile sees shapes, dtypes and strides from the fake impl only: they must be the real ones."""
     inputs, _ = make_case(16, (2, 4, 5), dtype="bfloat16", channels_last=channels_last)
     with FakeTensorMode() as mode:
-        out, chan, plane = cbam_triton.cbam_fused(*[mode.from_tensor(t) for t in inputs])
+        out, chan, plane, chan_idx, plane_idx = cbam_triton.cbam_fused(*[mode.from_tensor(t) for t in inputs])
     assert out.shape == inputs[0].shape and out.dtype == torch.bfloat16
     assert out.stride() == inputs[0].stride()
     assert (chan.shape, plane.shape) == ((4, 2, 16), (2, 4, 4, 5))
     assert chan.dtype == plane.dtype == torch.float32
+    assert (chan_idx.shape, plane_idx.shape) == (
+        (2, 16),
+        (2, 4, 5),
+    ) and chan_idx.dtype == plane_idx.dtype == torch.int32
     with mode:
-        grads = cbam_triton.cbam_fused_backward(out, *[mode.from_tensor(t) for t in inputs], chan, plane)
+        stats = (chan, plane, chan_idx, plane_idx)
+        grads = cbam_triton.cbam_fused_backward(out, *[mode.from_tensor(t) for t in inputs], *stats)
     assert [(g.shape, g.dtype, g.stride()) for g in grads] == [(t.shape, t.dtype, t.stride()) for t in inputs]
 
 
