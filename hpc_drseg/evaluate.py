@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -29,7 +29,7 @@ from hpc_drseg.config.loader import config_from_dict, config_to_dict, merge, par
 from hpc_drseg.constants import LESIONS
 from hpc_drseg.data.layouts import dataset_name
 from hpc_drseg.data.manifest import read_manifest, split_info
-from hpc_drseg.data.pipeline import Batch
+from hpc_drseg.data.pipeline import Batch, EvalLoader
 from hpc_drseg.errors import DrsegError, InputError, MissingError
 from hpc_drseg.metrics import PR_CURVE_POINTS, histogram_pr_points
 from hpc_drseg.models import build_model
@@ -163,7 +163,9 @@ def _score(
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = _Counted(eval_loader(cfg, split, accelerator, with_native=protocol in ("standard", "both")))
-    paper, standard, _ = collect_metrics(accelerator, model, loader, cfg, native=protocol != "paper")
+    # The bar counts rank 0's images; the standard protocol's upsampling to native size makes it the slow pass.
+    desc = f"eval {split}" + (" (native resolution)" if protocol != "paper" else "")
+    paper, standard, _ = collect_metrics(accelerator, model, loader, cfg, native=protocol != "paper", desc=desc)
     result = {
         **header,
         "checkpoint": str(path),
@@ -200,8 +202,13 @@ def _trained_on(state: dict[str, Any], path: Path) -> str:
 class _Counted:
     """The batches of a loader, counting the images they hold."""
 
-    def __init__(self, batches: Iterable[Batch]) -> None:
+    def __init__(self, batches: EvalLoader) -> None:
         self.batches, self.images = batches, 0
+
+    @property
+    def num_samples(self) -> int:
+        """The images this rank will score (its progress bar's total)."""
+        return self.batches.num_samples
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.batches:

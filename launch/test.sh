@@ -3,7 +3,7 @@
 # Tests marked `gpu` skip without CUDA; `slurm` tests start a throw-away local SLURM cluster (root + Debian packages).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source launch/setup_env.sh "dev,deepspeed,triton,export"
+source launch/setup_env.sh "dev,deepspeed,triton,export,mlflow"
 
 set +e
 python -m pytest "$@"

@@ -50,6 +50,10 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
+# Experiment trackers of train.trackers, each an Accelerate tracker (train/trackers.py: directories, extras).
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+TRACKERS: tuple[str, ...] = get_args(Tracker)
+
 MonitorMode = Literal["max", "min"]
 MONITOR_MODES: tuple[str, ...] = get_args(MonitorMode)
 

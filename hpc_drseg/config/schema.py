@@ -26,6 +26,7 @@ from hpc_drseg.config.choices import (
     MonitorMode,
     OutputStride,
     Precision,
+    Tracker,
 )
 from hpc_drseg.constants import LESIONS
 
@@ -286,6 +287,9 @@ class TrainConfig:
     """Write last.pt at the end of every N-th epoch (and always at the last one, and when stopped)."""
     log_every_steps: int = 10
     """Progress-bar and TensorBoard scalar period."""
+    trackers: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (Accelerate's): tensorboard (RUN/tb), mlflow (RUN/mlruns unless MLFLOW_TRACKING_URI is
+    set), wandb (online unless WANDB_MODE=offline); mlflow and wandb need their extra (pip install -e '.[mlflow]')."""
     cpu: bool = False
     """Force CPU even when CUDA is present."""
 
@@ -295,6 +299,7 @@ class TrainConfig:
         for name in ("seed", "max_steps", "steps_per_epoch", "early_stop_patience", "checkpoint_every_steps"):
             check_range(f"train.{name}", getattr(self, name), 0, 10**12)
         check_validation_quantity("train.monitor", self.monitor)
+        check_unique_choices("train.trackers", self.trackers)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from hpc_drseg.errors import InputError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
 
 log = logging.getLogger("hpc_drseg.train")
 
@@ -28,7 +30,8 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
-def build_accelerator(cfg: TrainConfig) -> Accelerator:
+def build_accelerator(cfg: TrainConfig, log_with: Sequence[GeneralTracker] = ()) -> Accelerator:
+    """`log_with`: the run's experiment trackers (train/trackers.py), built but not started; none for evaluation."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -45,6 +48,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         mixed_precision=cfg.precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         kwargs_handlers=handlers,
+        log_with=list(log_with) or None,  # an empty list would make Accelerate warn that no tracker is installed
     )
     if not uses_deepspeed():
         kwargs["cpu"] = on_cpu

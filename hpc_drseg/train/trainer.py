@@ -47,6 +47,7 @@ from hpc_drseg.train.runtime import (
     uses_deepspeed,
 )
 from hpc_drseg.train.signals import EXIT_RESUMABLE, StopFlag, die_with_launcher
+from hpc_drseg.train.trackers import build_trackers
 from hpc_drseg.train.validate import collect_metrics, eval_loader, flatten_results
 
 __all__ = ["EpochStats", "Progress", "Stop", "StopReason", "TrainResult", "Trainer", "train"]
@@ -137,7 +138,7 @@ class Trainer:
         self.allow_world_size_change = allow_world_size_change
         self.stop = stop if stop is not None else StopFlag()
         self.run_dir = cfg.run_dir
-        self.accelerator = build_accelerator(cfg.train)
+        self.accelerator = build_accelerator(cfg.train, log_with=build_trackers(cfg))  # a missing package: error now
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.manifest = read_manifest(cfg.data.shards)
@@ -419,7 +420,7 @@ class Trainer:
             # Only under the lock: the Checkpointer clears temporaries that only a dead writer can have left.
             self.checkpointer = Checkpointer(self.accelerator, self.cfg, self.model, self.optimizer, self.monitor)
             self._start()
-            self.logger = RunLogger(self.run_dir, enabled=self.is_main, history=self.progress.history)
+            self.logger = RunLogger(self.run_dir, self.is_main, self.progress.history, accelerator=self.accelerator)
             # A signal during the resume: last.pt is as consistent as it was, so stop before step 0.
             stop = Stop.signal(self.stop.signal_name) if self._stop_requested(now=True) else self._loop()
             check_replicas(self.accelerator, self.model)

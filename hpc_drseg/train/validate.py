@@ -20,6 +20,7 @@ from hpc_drseg.data.pipeline import Batch, EvalLoader, build_eval_loader
 from hpc_drseg.losses import CombinedLoss
 from hpc_drseg.metrics import PaperMetrics, StandardMetrics
 from hpc_drseg.models.output import split_output
+from hpc_drseg.train.logs import progress_bar
 from hpc_drseg.train.runtime import model_input_dtype
 
 if TYPE_CHECKING:
@@ -42,8 +43,11 @@ def collect_metrics(
     cfg: RunConfig,
     native: bool,
     loss_fn: Optional[CombinedLoss] = None,
+    desc: str = "validate",
+    progress: bool = True,
 ) -> tuple[PaperMetrics, StandardMetrics, float]:
-    """Runs the model over this rank's batches; returns metric objects already summed over ranks and the mean loss."""
+    """Runs the model over this rank's batches; returns metric objects already summed over ranks and the mean loss.
+    `progress`: a bar on rank 0 over its images (`batches.num_samples` when known), labelled `desc`."""
     device = accelerator.device
     paper = PaperMetrics(threshold=cfg.eval.threshold)
     standard = StandardMetrics(threshold=cfg.eval.threshold, score_bits=cfg.eval.score_bits)
@@ -52,6 +56,8 @@ def collect_metrics(
     was_training = model.training
     model.eval()
     dtype = model_input_dtype(model)
+    total = getattr(batches, "num_samples", None)
+    bar = progress_bar(total, desc, progress and accelerator.is_main_process, unit="img")
     for batch in batches:
         image = normalize(batch.image.to(device)).to(dtype)
         if cfg.train.channels_last:
@@ -69,6 +75,8 @@ def collect_metrics(
             _native_update(standard, probs, batch.native_masks)
         else:
             standard.update(probs, mask)
+        bar.update(len(batch.ids))
+    bar.close()
     model.train(was_training)
     return _sync(accelerator, paper, standard, loss_sum)
 
