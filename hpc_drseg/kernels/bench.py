@@ -174,6 +174,27 @@ def _graph_ms(fn: Callable[[int], object], sets: int, warmup: int, iters: int, d
     return statistics.median(start.elapsed_time(end) for start, end in events) / sets
 
 
+def _time_pair(
+    forward: Callable[[int], object],
+    forward_backward: Callable[[int], object],
+    sets: int,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+) -> tuple[tuple[float, float], str]:
+    """((fwd ms, fwd+bwd ms), how they were timed): CUDA-graph replay on CUDA, eager calls where a graph cannot be
+    captured (the reason goes into the row) and on CPU."""
+    if device.type == "cuda":
+        try:
+            graph = tuple(_graph_ms(fn, sets, warmup, iters, device) for fn in (forward, forward_backward))
+            return graph, "cuda-graph replay"
+        except RuntimeError as exc:  # e.g. an op that synchronises cannot be captured
+            torch.cuda.synchronize(device)
+            reason = f"eager, CUDA events (graph capture failed: {str(exc).splitlines()[0][:80]})"
+            return tuple(_median_ms(fn, warmup, iters, device) for fn in (forward, forward_backward)), reason
+    return tuple(_median_ms(fn, warmup, iters, device) for fn in (forward, forward_backward)), "host clock, eager"
+
+
 def count_kernels(step: Callable[[], object], device: torch.device) -> int | None:
     """GPU work items (kernels, memsets, memcpys) one call of `step` issues, counted with torch.profiler after one
     warm-up call; None on a device without them (CPU: not applicable)."""
@@ -278,14 +299,8 @@ def _cbam_rows(
             x, upstream = pairs[i % sets]
             torch.autograd.grad(fn(x, *weights), (x, *weights), upstream)  # no .grad accumulation pass
 
-        if device.type == "cuda":
-            fwd_ms = _graph_ms(forward, sets, warmup, iters, device)
-            fwd_bwd_ms = _graph_ms(forward_backward, sets, warmup, iters, device)
-        else:
-            fwd_ms = _median_ms(forward, warmup, iters, device)
-            fwd_bwd_ms = _median_ms(forward_backward, warmup, iters, device)
+        (fwd_ms, fwd_bwd_ms), row["timing"] = _time_pair(forward, forward_backward, sets, warmup, iters, device)
         row["kernels_fwd_bwd"] = count_kernels(lambda fn=forward_backward: fn(0), device)
-        row["timing"] = "cuda-graph replay" if device.type == "cuda" else "host clock, eager"
         eager_ms = fwd_bwd_ms if impl == "eager" else eager_ms
         row.update(
             fwd_ms=fwd_ms,
