@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import is_fake
 from hpc_drseg.kernels.cbam_bwd import channel_grad_kernel, input_grad_kernel, mlp_backward_kernel, spatial_grad_kernel
 from hpc_drseg.kernels.cbam_fwd import channel_mlp_kernel, channel_stats_kernel, pool_hw_kernel, spatial_gate_kernel
 
-MAX_TILE = 2048  # elements of one [BLOCK_C, BLOCK_HW] register tile (16 fp32 per thread at 4 warps)
+MAX_TILE = 2048  # elements of one [BLOCK_C, BLOCK_HW] register tile (8 fp32 per thread at 8 warps)
 MIN_BLOCK_HW, MAX_BLOCK_HW = 16, 64  # pixels per program; 64 keeps the [taps, BLOCK_HW] conv gathers at 4096
 PROGRAMS_PER_SM = 4  # programs per launch we aim for on a GPU, so small maps (256×16×16) still fill the chip
 # Warps of the kernels that stream a [BLOCK_C, BLOCK_HW] tile (F1, F3, F4, B1, B2), from ptxas's register counts on
