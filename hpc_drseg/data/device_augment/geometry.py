@@ -53,14 +53,28 @@ def affine_matrix(params: Params, n: int) -> torch.Tensor:
     return matrix
 
 
-def source_matrix(params: Params, n: int) -> torch.Tensor:
-    """(B, 3, 3) float64: S_H · S_V · S_R · S_A, the source-from-output map of flips, quarter turns and affine."""
+def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) inverse of affine matrices (last row 0 0 1), in closed form: torch.linalg.inv checks for singular
+    input, which on a GPU waits for the device."""
+    a, b, c, d = matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1]
+    det = a * d - b * c
+    inverse = torch.zeros_like(matrix)
+    inverse[:, 0, 0], inverse[:, 0, 1], inverse[:, 1, 0], inverse[:, 1, 1] = d / det, -b / det, -c / det, a / det
+    inverse[:, :2, 2] = -(inverse[:, :2, :2] @ matrix[:, :2, 2:3])[..., 0]
+    inverse[:, 2, 2] = 1.0
+    return inverse
+
+
+def source_matrix(params: Params, n: int, turns: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) float64: S_H · S_V · S_R · S_A, the source-from-output map of flips, quarter turns (`turns`:
+    quarter_turns(n)) and affine. Built with torch.where, not boolean indexing, which would wait for the device."""
     batch, device = params.hflip.shape[0], params.hflip.device
     flip_x, flip_y = _eye(batch, device), _eye(batch, device)
-    flip_x[params.hflip, 0, 0], flip_x[params.hflip, 0, 2] = -1.0, n - 1.0
-    flip_y[params.vflip, 1, 1], flip_y[params.vflip, 1, 2] = -1.0, n - 1.0
-    turns = quarter_turns(n, device)[params.rot90]
-    return flip_x @ flip_y @ turns @ torch.linalg.inv(affine_matrix(params, n))
+    scalar = {"dtype": torch.float64, "device": device}
+    one, zero, edge = torch.ones((), **scalar), torch.zeros((), **scalar), torch.full((), n - 1.0, **scalar)
+    flip_x[:, 0, 0], flip_x[:, 0, 2] = torch.where(params.hflip, -one, one), torch.where(params.hflip, edge, zero)
+    flip_y[:, 1, 1], flip_y[:, 1, 2] = torch.where(params.vflip, -one, one), torch.where(params.vflip, edge, zero)
+    return flip_x @ flip_y @ turns[params.rot90] @ invert_affine(affine_matrix(params, n))
 
 
 class Geometry:
@@ -72,6 +86,7 @@ class Geometry:
         axis = torch.arange(n, dtype=torch.float32, device=self.device)
         self.pixels = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1)  # (n, n, 2): (x, y) at [y, x]
         self.segment, self.fraction = self._grid_segments()
+        self.turns = quarter_turns(n, self.device)
         scale = n / paper._PAPER_PX
         self.elastic_alpha = paper.ELASTIC_ALPHA_PX * scale
         self.elastic_sigma = paper.ELASTIC_SIGMA_PX * scale
@@ -88,7 +103,7 @@ class Geometry:
         else:
             inside = ((coords > -1.0) & (coords < float(self.n))).all(dim=-1)
             valid = inside[:, None].to(torch.float32)
-        matrix = source_matrix(params, self.n).to(torch.float32)
+        matrix = source_matrix(params, self.n, self.turns).to(torch.float32)
         source = coords @ matrix[:, None, :2, :2].transpose(-1, -2) + matrix[:, None, None, :2, 2]
         return source * (2.0 / max(self.n - 1, 1)) - 1.0, valid
 

@@ -8,6 +8,8 @@ only rounding is the final one to uint8 (the gamma table's floor is kept, since 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,13 @@ from hpc_drseg.data.device_augment.params import Params
 # albumentations' GaussianBlur(blur_limit=(3, 3), sigma=PAPER_BLUR_SIGMA) samples exp(-x²/2σ²) at -1, 0, 1:
 # exp(-ln 2) = 1/2, so the taps are exactly [1, 2, 1] / 4 along each axis (data/augment.py says why that sigma).
 _BLUR_TAPS = (0.25, 0.5, 0.25)
+
+
+@functools.lru_cache(maxsize=8)
+def _blur_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, 3, 3) outer product of the taps, made once per device (no host-to-device copy per batch)."""
+    taps = torch.tensor(_BLUR_TAPS, dtype=dtype)
+    return (taps[:, None] * taps[None, :])[None, None].to(device)
 
 
 def apply_photometric(image: torch.Tensor, params: Params) -> torch.Tensor:
@@ -67,7 +76,7 @@ def shift_hsv(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     saturation = torch.where(saturation > 0, shifted, saturation)
     value = (value + shift[:, 2, None, None]).clamp(0.0, 255.0)
     # HSV → RGB: channel n is V - V·S·clamp(min(k, 4 - k), 0, 1) with k = (n + H) mod 6, n = 5, 3, 1 for R, G, B
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=image.device, dtype=image.dtype)[None, :, None, None]
+    offsets = torch.arange(5.0, 0.0, -2.0, device=image.device, dtype=image.dtype)[None, :, None, None]  # 5, 3, 1
     k = (offsets + hue[:, None]).remainder(6.0)
     weight = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return value[:, None] - (value * saturation)[:, None] * weight
@@ -86,7 +95,6 @@ def noise(image: torch.Tensor, params: Params) -> torch.Tensor:
 def blur(image: torch.Tensor, fires: torch.Tensor) -> torch.Tensor:
     """GaussianBlur 3×3, [1, 2, 1]/4 per axis, border mirrored without repeating the edge (OpenCV's default
     BORDER_REFLECT_101 = torch's 'reflect' padding), where `fires`."""
-    taps = torch.tensor(_BLUR_TAPS, dtype=image.dtype, device=image.device)
-    kernel = (taps[:, None] * taps[None, :]).expand(image.shape[1], 1, 3, 3)
+    kernel = _blur_kernel(image.device, image.dtype).expand(image.shape[1], 1, 3, 3)
     blurred = F.conv2d(F.pad(image, (1, 1, 1, 1), mode="reflect"), kernel, groups=image.shape[1])
     return torch.where(_per_sample(fires), blurred, image)
