@@ -18,7 +18,10 @@ from hpc_drseg.losses import build_loss
 from hpc_drseg.models import build_model, split_output
 from hpc_drseg.train.bench import StepTiming, time_steps
 
-BASELINE_LOSS = "CombinedLoss (the project's loss: Dice + BCE + focal + boundary as configured)"
+BASELINE = (
+    "plain PyTorch: eager CBAM, Adam(foreach=True), cudnn.benchmark, autocast for bf16, "
+    "CombinedLoss (the project's loss: Dice + BCE + focal + boundary as configured)"
+)
 
 
 def _eager_cbam(cfg: RunConfig) -> RunConfig:
@@ -29,6 +32,7 @@ def baseline_throughput(cfg: RunConfig, device: torch.device, warmup: int, steps
     """Seconds per training step of the plain loop at cfg's batch size, image side, precision, memory format and
     compile flag (train.compile: the model and the loss each through torch.compile, default mode)."""
     cfg = _eager_cbam(cfg)
+    torch.backends.cudnn.benchmark = True  # what a careful user sets; explicit, so the order of runs cannot matter
     torch.manual_seed(cfg.train.seed)
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model).to(device).to(memory_format=layout).train()

@@ -127,12 +127,23 @@ def _after(run: Run, part: Part, status: str, reason: str) -> None:
             run.no_cuda = "no CUDA device (torch.cuda.is_available() is False): use --dry-run on a CPU"
 
 
-def run_part(run: Run, part: Part, work: Path) -> None:
+def part_limit(run: Run, part: Part, later: list[Part]) -> float:
+    """What is left of the deadline, less the least time of each later part that will run (so one slow part cannot
+    starve the rest), at most the part's own cap."""
+    reserve = sum(p.min_s for p in later if not (p.gpu_only and run.dry_run))
+    return min(part.cap_s, run.left_s() - reserve)
+
+
+def run_part(run: Run, part: Part, work: Path, later: list[Part]) -> None:
     reason = skip_reason(run, part)
+    limit = part_limit(run, part, later)
+    if reason is None and limit < part.min_s:
+        reason = (
+            f"deadline: {max(limit, 0):.0f} s left for it after the later parts' least times, {part.min_s:.0f} s needed"
+        )
     if reason is not None:
         run.part_row(part.name, "skipped", 0.0, reason)
         return
-    limit = min(part.cap_s, run.left_s())
     run.log(f"[{time.time() - run.started:6.1f} s] {part.name}: running (limit {limit:.0f} s)")
     started = time.perf_counter()
     status, reason = run_worker(run, part, work, limit)
@@ -178,9 +189,9 @@ def run_gpu_check(
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="drseg-gpu-check-") as work, _terminated_as_interrupt():
         try:
-            for part in PARTS:
-                if part.name in parts:
-                    run_part(run, part, Path(work))
+            selected = [part for part in PARTS if part.name in parts]
+            for index, part in enumerate(selected):
+                run_part(run, part, Path(work), selected[index + 1 :])
         except KeyboardInterrupt:
             interrupted = True
             run.part_row("run", "interrupted", time.time() - run.started, "stopped by a signal")

@@ -32,7 +32,7 @@ def run(ctx: Context) -> None:
     tests = ctx.repo_file("tests")
     if not tests.is_dir():
         raise PartSkipped(f"no tests/ folder at {tests}: run from a checkout of the repository")
-    limit = min(LIMIT_S, ctx.left_s() - 5)
+    limit = min(LIMIT_S, ctx.left_s() - 10)  # time to report before the driver's own limit
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider", str(tests)]
     started = time.perf_counter()
     try:

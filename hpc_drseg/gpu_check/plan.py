@@ -24,7 +24,7 @@ class Part:
 PARTS: tuple[Part, ...] = (
     Part("environment", cap_s=60, min_s=10),
     # test modules import albumentations, webdataset and sklearn at collection time
-    Part("gpu_tests", cap_s=120, min_s=30, needs=("pytest", "albumentations", "webdataset", "sklearn"), gpu_only=True),
+    Part("gpu_tests", cap_s=140, min_s=30, needs=("pytest", "albumentations", "webdataset", "sklearn"), gpu_only=True),
     # synthetic DDR images and shards for the parts below (383 / 149 images at 512 px on a GPU run)
     Part("data", cap_s=90, min_s=15, needs=("cv2", "PIL")),
     Part("throughput", cap_s=240, min_s=60, needs=("accelerate", "albumentations"), needs_data=True),

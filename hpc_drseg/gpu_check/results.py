@@ -112,4 +112,5 @@ def _other_lines(rows: list[dict[str, Any]]) -> list[str]:
 def format_summary(rows: Iterable[dict[str, Any]]) -> str:
     """Plain-text summary: one line per part (status, seconds, reason), the throughput table, then the other figures."""
     rows = list(rows)
-    return "\n".join([*_part_lines(rows), "", *_throughput_lines(rows), "", *_other_lines(rows)])
+    throughput = _throughput_lines(rows) if any(row.get("kind") == "throughput" for row in rows) else []
+    return "\n".join([*_part_lines(rows), "", *throughput, "", *_other_lines(rows)]).replace("\n\n\n", "\n\n")

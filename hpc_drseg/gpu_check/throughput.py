@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from hpc_drseg.gpu_check.baseline import BASELINE_LOSS, baseline_throughput
+from hpc_drseg.gpu_check.baseline import BASELINE, baseline_throughput
 from hpc_drseg.gpu_check.context import Context
 from hpc_drseg.gpu_check.plan import Setting
 from hpc_drseg.train.bench import StepTiming, bench_trainer, random_batch, time_trainer_steps
@@ -38,6 +39,7 @@ def _project(ctx: Context, setting: Setting, warmup: int) -> tuple[StepTiming, s
 def _setting_row(ctx: Context, setting: Setting, device: torch.device) -> dict[str, Any]:
     warmup = max(ctx.sizes.warmup_steps, COMPILE_WARMUP_STEPS) if setting.compile else ctx.sizes.warmup_steps
     project, impl = _project(ctx, setting, warmup)
+    _free(device)
     baseline = baseline_throughput(ctx.config(*setting.overrides()), device, warmup, ctx.sizes.timed_steps)
     project_img_s = setting.batch_size / project.step_s
     baseline_img_s = setting.batch_size / baseline.step_s
@@ -55,7 +57,7 @@ def _setting_row(ctx: Context, setting: Setting, device: torch.device) -> dict[s
         "project_step_ms": project.step_s * 1e3,
         "baseline_step_ms": baseline.step_s * 1e3,
         "project_cbam_impl": impl,
-        "baseline": f"plain PyTorch, eager CBAM, Adam(foreach=True), {BASELINE_LOSS}",
+        "baseline": BASELINE,
         "warmup_steps": warmup,
         "timed_steps": ctx.sizes.timed_steps,
     }
@@ -71,6 +73,8 @@ def _device(ctx: Context) -> torch.device:
 
 
 def _free(device: torch.device) -> None:
+    """Hands the last measurement's GPU memory back, so the next one starts from the same empty allocator."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

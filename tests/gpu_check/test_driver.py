@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_drseg.gpu_check.driver import Run, run_worker, skip_reason
+from hpc_drseg.gpu_check.driver import Run, part_limit, run_worker, skip_reason
 from hpc_drseg.gpu_check.gpu_tests import parse_counts
 from hpc_drseg.gpu_check.plan import PART_NAMES, PARTS, Part
 from hpc_drseg.gpu_check.results import read_rows
@@ -75,6 +75,13 @@ def test_a_part_is_skipped_with_the_reason(tmp_path):
     run.no_data = "no synthetic data: the data part failed"
     assert skip_reason(run, Part("x", 100, 1, needs_data=True)) == run.no_data
     assert skip_reason(run, next(p for p in PARTS if p.gpu_only)) == "dry run: needs CUDA"
+
+
+def test_a_part_leaves_the_later_parts_their_least_time(tmp_path):
+    run = _run(tmp_path, deadline_s=200)
+    later = [Part("b", 100, 50), Part("gpu", 100, 70, gpu_only=True)]  # skipped in a dry run: reserves nothing
+    assert part_limit(run, Part("a", 300, 10), later) == pytest.approx(150, abs=1)
+    assert part_limit(run, Part("a", 60, 10), later) == 60
 
 
 def test_a_part_past_its_limit_is_killed_and_recorded(tmp_path):
