@@ -4,6 +4,7 @@ MLflow, W&B), which Accelerate's `log` feeds."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -61,8 +62,14 @@ class RunLogger:
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator is not None:
-            # The trackers were built with their names and folders; the project name is Accelerate's required argument.
-            self.accelerator.init_trackers(self.run_dir.name)
+            try:
+                # The trackers were built with their names and folders; the project name is only a required argument.
+                self.accelerator.init_trackers(self.run_dir.name)
+            except BaseException:
+                # Accelerate lists every tracker before starting any: finishing one that never started would raise
+                # over this error (in end_training), so end the started ones here and forget the rest.
+                self._end_trackers(suppress=True)
+                raise
 
     def progress_bar(self, total: int, initial: int, desc: str):
         return progress_bar(total, desc, self.enabled, initial=initial)
@@ -90,11 +97,14 @@ class RunLogger:
         """Ends the tracker runs while the run folder is still locked; Accelerate's end_training then finds none."""
         if self.enabled:
             self.curves.refresh(self.history)  # the last epochs, if the time share allows it now
-        if self.accelerator is None:
-            return
+        if self.accelerator is not None:
+            self._end_trackers()
+
+    def _end_trackers(self, suppress: bool = False) -> None:
         trackers = self.accelerator.trackers
         while trackers:
-            trackers.pop(0).finish()
+            with contextlib.suppress(Exception) if suppress else contextlib.nullcontext():
+                trackers.pop(0).finish()
 
 
 class CurvesPlot:

@@ -149,11 +149,10 @@ class RunWandBTracker(WandBTracker):
 
     @on_main_process
     def start(self) -> None:
-        import wandb
-
         stored = read_tracker_runs(self.run_dir).get("wandb", {}).get("id")
-        self.init_kwargs.update(id=stored or wandb.util.generate_id(), resume="allow")
         if stored is None:
             self.init_kwargs["config"] = self.params
+        else:
+            self.init_kwargs.update(id=stored, resume="allow")
         super().start()
         record_tracker_run(self.run_dir, "wandb", {"id": self.run.id})

@@ -113,3 +113,21 @@ def test_mlflow_logs_into_the_run_folder_and_resumes_the_same_run(shards_dir, tm
     assert [run.info.run_id for run in runs] == [stored["run_id"]] and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["optim.lr"] == "0.0001"
     assert client.get_metric_history(stored["run_id"], "epoch/val/mAP")[-1].step == 99
+
+
+def test_a_tracker_that_fails_to_start_is_the_error_reported(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.exceptions import MlflowException
+
+    from hpc_drseg.train.logs import RunLogger
+    from hpc_drseg.train.runtime import build_accelerator
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://store")  # MLflow has no store for it
+    cfg = load_config(DEBUG_YAML, [f"train.run_dir={tmp_path / 'run'}", "train.trackers=[tensorboard,mlflow]"])
+    accelerator = build_accelerator(cfg.train, log_with=trackers.build_trackers(cfg))
+    with pytest.raises(MlflowException):
+        RunLogger(cfg.run_dir, True, [], accelerator=accelerator)
+    # TensorBoard had started and is closed; nothing is left for end_training to finish (it would fail over the error).
+    assert accelerator.trackers == []
+    accelerator.end_training()
