@@ -4,7 +4,6 @@ MLflow, W&B), which Accelerate's `log` feeds."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -68,7 +67,7 @@ class RunLogger:
             except BaseException:
                 # Accelerate lists every tracker before starting any: finishing one that never started would raise
                 # over this error (in end_training), so end the started ones here and forget the rest.
-                self._end_trackers(suppress=True)
+                self._end_trackers()
                 raise
 
     def progress_bar(self, total: int, initial: int, desc: str):
@@ -100,11 +99,16 @@ class RunLogger:
         if self.accelerator is not None:
             self._end_trackers()
 
-    def _end_trackers(self, suppress: bool = False) -> None:
+    def _end_trackers(self) -> None:
+        """Every tracker is asked to finish; one that cannot (a tracking server gone) is a warning: the run's own
+        files are complete, and the caller still has the run folder's lock to release."""
         trackers = self.accelerator.trackers
         while trackers:
-            with contextlib.suppress(Exception) if suppress else contextlib.nullcontext():
-                trackers.pop(0).finish()
+            tracker = trackers.pop(0)
+            try:
+                tracker.finish()
+            except Exception as exc:
+                log.warning("tracker %s did not finish: %s: %s", tracker.name, type(exc).__name__, exc)
 
 
 class CurvesPlot:

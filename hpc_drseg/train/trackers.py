@@ -93,16 +93,14 @@ def mlflow_tracking_uri(run_dir: Path) -> str:
     whatever folder the job started in). That store is a plain folder, which suits cluster file systems (a sqlite
     store needs working file locks): MLflow 3 keeps it in maintenance mode behind MLFLOW_ALLOW_FILE_STORE. A run
     logged into its own folder contacts nothing: MLflow's usage telemetry is off unless the user says otherwise."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        import mlflow
-
-        return mlflow.get_tracking_uri()
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlflow is first imported
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlflow is first imported
+        uri = (Path(run_dir) / MLFLOW_DIR).resolve().as_uri()
     import mlflow
 
-    uri = (Path(run_dir) / MLFLOW_DIR).resolve().as_uri()
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # always: an earlier run in this process may have set another one, which would win
     return uri
 
 
