@@ -48,9 +48,16 @@ class Context:
         from hpc_drseg.config import load_config
 
         base = [*self.sizes.model_overrides, f"data.image_px={self.sizes.image_px}", f"data.shards={self.shards}"]
-        workers = max(1, min(12, (os.cpu_count() or 2) - 2))  # leave a core or two to the training process
-        base.append(f"data.num_workers={1 if self.dry_run else workers}")
+        base.append(f"data.num_workers={self.loader_workers()}")
         return load_config(self.repo_file(CONFIG), [*base, *overrides])
+
+    def loader_workers(self, where_workers: bool = False) -> int:
+        """Loader workers per process: on a GPU run all cores but two (left to the training process); in a dry run
+        none, since each spawned worker imports torch again (seconds on a loaded 2-core machine), except one where the
+        worker path itself is measured."""
+        if self.dry_run:
+            return 1 if where_workers else 0
+        return max(1, min(12, (os.cpu_count() or 2) - 2))
 
     @staticmethod
     def repo_file(relative: str) -> Path:

@@ -123,7 +123,9 @@ def _after(run: Run, part: Part, status: str, reason: str) -> None:
         run.no_data = f"no synthetic data: the data part {status}"
     if part.name == "environment" and not run.dry_run:
         env = [row for row in read_rows(run.results) if row.get("kind") == "environment"]
-        if env and not env[-1].get("cuda_available"):
+        if not env:  # full-size parts on a CPU would only run into their limits: no CUDA seen, no GPU parts
+            run.no_cuda = f"the environment part {status} without reporting a CUDA device"
+        elif not env[-1].get("cuda_available"):
             run.no_cuda = "no CUDA device (torch.cuda.is_available() is False): use --dry-run on a CPU"
 
 
@@ -172,7 +174,8 @@ def run_gpu_check(
     parts: tuple[str, ...] = PART_NAMES,
     log: Callable[[str], None] = print,
 ) -> int:
-    """Runs the parts named in `parts` (in plan order) into OUT; returns 0 when none failed or timed out, else 1."""
+    """Runs the parts named in `parts` (in plan order; the environment always, the data when a part needs it) into
+    OUT; returns 0 when none failed or timed out, else 1 (also when a full run found no CUDA device)."""
     unknown = sorted(set(parts) - set(PART_NAMES))
     if unknown:
         raise InputError(f"--parts: unknown {unknown}; choose from {','.join(PART_NAMES)}")
@@ -184,6 +187,7 @@ def run_gpu_check(
         (out / name).unlink(missing_ok=True)
     if any(part.needs_data for part in PARTS if part.name in parts):
         parts = (*parts, "data")  # the shards those parts run on
+    parts = (*parts, "environment")  # always: it is what says whether there is a GPU to measure
     run = Run(out, deadline_s, dry_run, log)
     append_row(run.results, {"kind": "run", "dry_run": dry_run, "deadline_s": deadline_s, "parts": list(parts)})
     interrupted = False
@@ -199,4 +203,4 @@ def run_gpu_check(
     atomic_write_text(out / SUMMARY_NAME, summary + "\n")
     log(summary)
     log(f"rows: {run.results}; worker output: {out / LOG_NAME}; {time.time() - run.started:.0f} s in all")
-    return 130 if interrupted else (1 if run.failed else 0)
+    return 130 if interrupted else (1 if run.failed or run.no_cuda else 0)  # no CUDA: nothing was measured

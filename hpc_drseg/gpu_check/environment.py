@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from hpc_drseg.gpu_check.context import Context
+from hpc_drseg.gpu_check.plan import DRY_SIZES
 from hpc_drseg.train.bench import time_steps
 
 OPTIONAL_IMPORTS = (
@@ -80,8 +81,10 @@ def run(ctx: Context) -> None:
     cuda = torch.cuda.is_available() and not ctx.dry_run
     device = torch.device("cuda" if cuda else "cpu")
     imports = import_report(imported=not ctx.dry_run)
-    # bf16 is the training precision on a GPU; on a CPU without bf16 units fp32 is the meaningful reference
+    # bf16 is the training precision on a GPU; on a CPU without bf16 units fp32 is the meaningful reference, at the
+    # dry run's sizes (an 8192³ fp32 matmul takes minutes on a CPU)
     dtype = torch.bfloat16 if cuda else torch.float32
+    sizes = ctx.sizes if cuda else DRY_SIZES
     ctx.emit(
         {
             "kind": "environment",
@@ -93,11 +96,11 @@ def run(ctx: Context) -> None:
             "triton": imports["triton"],
             "nproc": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)),
-            "matmul_n": ctx.sizes.matmul_n,
+            "matmul_n": sizes.matmul_n,
             "matmul_dtype": str(dtype).removeprefix("torch."),
-            "matmul_tflops": matmul_tflops(device, ctx.sizes.matmul_n, dtype),
-            "copy_mib": ctx.sizes.copy_mib,
-            "copy_gbps": copy_gbps(device, ctx.sizes.copy_mib),
+            "matmul_tflops": matmul_tflops(device, sizes.matmul_n, dtype),
+            "copy_mib": sizes.copy_mib,
+            "copy_gbps": copy_gbps(device, sizes.copy_mib),
             "imports": imports,
         }
     )

@@ -37,8 +37,10 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete row; a last line cut short by a kill is left out."""
-    rows = []
+    """Every complete row (none before the first is written); a last line cut short by a kill is left out."""
+    rows: list[dict[str, Any]] = []
+    if not Path(path).is_file():
+        return rows
     for line in Path(path).read_text().splitlines():
         try:
             rows.append(json.loads(line))

@@ -113,7 +113,8 @@ def _run_setting(ctx: Context, setting: Setting, device: torch.device, scale: st
 
 def _loader_row(ctx: Context, setting: Setting, where: str, device: torch.device) -> dict[str, Any]:
     steps, warmup = ctx.sizes.loader_steps, ctx.sizes.warmup_steps
-    cfg = ctx.config(*setting.overrides(), f"data.augment.where={where}")
+    workers = ctx.loader_workers(where_workers=where == "workers")
+    cfg = ctx.config(*setting.overrides(), f"data.augment.where={where}", f"data.num_workers={workers}")
     with bench_trainer(cfg, 2 * (warmup + steps)) as trainer:
         batch = random_batch(cfg, cfg.train.seed, trainer.accelerator.device)
         synthetic = time_trainer_steps(trainer, iter(lambda: batch, None), warmup, steps)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from hpc_drseg.gpu_check.driver import Run, part_limit, run_worker, skip_reason
+from hpc_drseg.gpu_check.driver import Run, _after, part_limit, run_worker, skip_reason
 from hpc_drseg.gpu_check.gpu_tests import parse_counts
 from hpc_drseg.gpu_check.plan import PART_NAMES, PARTS, Part
-from hpc_drseg.gpu_check.results import read_rows
+from hpc_drseg.gpu_check.results import append_row, read_rows
 
 REPO = Path(__file__).resolve().parents[2]
 DRY_RUN_LIMIT_S = 300  # measured ~75 s on a loaded 2-core machine; the limit only stops a hang
@@ -75,6 +75,18 @@ def test_a_part_is_skipped_with_the_reason(tmp_path):
     run.no_data = "no synthetic data: the data part failed"
     assert skip_reason(run, Part("x", 100, 1, needs_data=True)) == run.no_data
     assert skip_reason(run, next(p for p in PARTS if p.gpu_only)) == "dry run: needs CUDA"
+
+
+@pytest.mark.parametrize("reported", [False, None], ids=["no-cuda", "no-environment-row"])
+def test_a_full_run_without_cuda_skips_every_part_after_the_environment(tmp_path, reported):
+    run = _run(tmp_path)
+    run.dry_run = False
+    if reported is not None:
+        append_row(run.results, {"kind": "environment", "cuda_available": reported})
+    environment, throughput = (next(p for p in PARTS if p.name == name) for name in ("environment", "throughput"))
+    _after(run, environment, "ok" if reported is not None else "timed_out", "")
+    reason = skip_reason(run, throughput)
+    assert reason == run.no_cuda and ("--dry-run" in reason if reported is not None else "timed_out" in reason)
 
 
 def test_a_part_leaves_the_later_parts_their_least_time(tmp_path):
