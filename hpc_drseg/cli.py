@@ -533,13 +533,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_gpu(kinds: argparse._SubParsersAction) -> None:
+    from hpc_drseg.gpu_check.plan import DEFAULT_DEADLINE_S, PART_NAMES  # standard library only: cheap to import
+
     gpu = _command(
         kinds, "gpu", cmd_bench_gpu, help="every GPU figure in one run under one deadline -> OUT/results.jsonl"
     )
     gpu.add_argument("--out", required=True, help="folder for results.jsonl, summary.txt and parts.log")
-    gpu.add_argument("--deadline-s", type=float, default=510.0, help="seconds the whole check may take (default 510)")
+    gpu.add_argument(
+        "--deadline-s",
+        type=float,
+        default=DEFAULT_DEADLINE_S,
+        help=f"seconds the whole check may take (default {DEFAULT_DEADLINE_S:.0f})",
+    )
     gpu.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; GPU-only parts recorded as skipped")
-    gpu.add_argument("--parts", default=None, help="comma-separated subset of the parts (default: all, in order)")
+    gpu.add_argument("--parts", default=None, help=f"comma-separated subset of {','.join(PART_NAMES)} (default: all)")
 
 
 # ------------------------------------------------------------------------------------------------------ sweeps

@@ -185,9 +185,10 @@ def run_gpu_check(
     out.mkdir(parents=True, exist_ok=True)
     for name in (RESULTS_NAME, LOG_NAME, SUMMARY_NAME):  # this command's own files from an earlier run
         (out / name).unlink(missing_ok=True)
-    if any(part.needs_data for part in PARTS if part.name in parts):
-        parts = (*parts, "data")  # the shards those parts run on
-    parts = (*parts, "environment")  # always: it is what says whether there is a GPU to measure
+    wanted = set(parts) | {"environment"}  # always: it is what says whether there is a GPU to measure
+    if any(part.needs_data for part in PARTS if part.name in wanted):
+        wanted.add("data")  # the shards those parts run on
+    parts = tuple(name for name in PART_NAMES if name in wanted)
     run = Run(out, deadline_s, dry_run, log)
     append_row(run.results, {"kind": "run", "dry_run": dry_run, "deadline_s": deadline_s, "parts": list(parts)})
     interrupted = False
