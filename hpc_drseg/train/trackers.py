@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker, on_main_process
 
@@ -71,7 +71,7 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_tracker_runs(run_dir: Path) -> dict[str, Any]:
-    """RUN/trackers.json: {"mlflow": {"run_id", "tracking_uri"}, "wandb": {"id"}}; {} for a new run."""
+    """RUN/trackers.json: {"mlflow": {"run_id", "tracking_uri" (null: RUN/mlruns)}, "wandb": {"id"}}; {} if new."""
     path = Path(run_dir) / TRACKERS_FILE
     if not path.is_file():
         return {}
@@ -88,20 +88,21 @@ def record_tracker_run(run_dir: Path, name: str, entry: dict[str, Any]) -> None:
     atomic_write_json(Path(run_dir) / TRACKERS_FILE, runs)
 
 
-def mlflow_tracking_uri(run_dir: Path) -> str:
-    """MLFLOW_TRACKING_URI when the user set it; else the run folder's own store, not MLflow's default (./mlruns in
-    whatever folder the job started in). That store is a plain folder, which suits cluster file systems (a sqlite
-    store needs working file locks): MLflow 3 keeps it in maintenance mode behind MLFLOW_ALLOW_FILE_STORE. A run
-    logged into its own folder contacts nothing: MLflow's usage telemetry is off unless the user says otherwise."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
+def use_mlflow_store(run_dir: Path) -> Optional[str]:
+    """Points MLflow at MLFLOW_TRACKING_URI when the user set it (returned), else at the run folder's own store (None
+    returned), never at MLflow's default, ./mlruns in whatever folder the job started in. That store is a plain folder,
+    which suits cluster file systems (a sqlite store needs working file locks): MLflow 3 keeps it in maintenance mode
+    behind MLFLOW_ALLOW_FILE_STORE. A run logged into its own folder contacts nothing: MLflow's usage telemetry is off
+    unless the user says otherwise."""
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if user_uri is None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlflow is first imported
-        uri = (Path(run_dir) / MLFLOW_DIR).resolve().as_uri()
     import mlflow
 
-    mlflow.set_tracking_uri(uri)  # always: an earlier run in this process may have set another one, which would win
-    return uri
+    # Always set: one set by an earlier run in this process would win over the environment variable.
+    mlflow.set_tracking_uri(user_uri or (Path(run_dir) / MLFLOW_DIR).resolve().as_uri())
+    return user_uri
 
 
 def _mlflow_run_exists(run_id: str) -> bool:
@@ -121,21 +122,35 @@ class RunMLflowTracker(MLflowTracker):
     def __init__(self, run_dir: Path, name: str, params: dict[str, Any]) -> None:
         super().__init__(experiment_name=name, run_name=name)  # MLFLOW_EXPERIMENT_NAME / MLFLOW_RUN_ID still win
         self.run_dir, self.params = Path(run_dir), params
+        self.in_run_folder = False  # started on RUN/mlruns (whose URI mlflow then exports as MLFLOW_TRACKING_URI)
 
     @on_main_process
     def start(self) -> None:
-        uri = mlflow_tracking_uri(self.run_dir)
+        # The store is recorded as the user's URI, or null for RUN/mlruns: a run folder that moved keeps its run.
+        user_uri = use_mlflow_store(self.run_dir)
+        self.in_run_folder = user_uri is None
         stored = read_tracker_runs(self.run_dir).get("mlflow", {})
-        if self.run_id is None and stored.get("tracking_uri") == uri and stored.get("run_id"):
+        if self.run_id is None and stored.get("run_id") and stored.get("tracking_uri") == user_uri:
             if _mlflow_run_exists(stored["run_id"]):
                 self.run_id = stored["run_id"]
             else:
-                log.warning("MLflow run %s is not in %s: logging into a new run", stored["run_id"], uri)
+                log.warning("MLflow run %s is not in its store: logging into a new run", stored["run_id"])
         new = self.run_id is None
         super().start()
         if new:  # MLflow refuses to change a parameter of an existing run (a config change on resume would)
             self.store_init_configuration(self.params)
-        record_tracker_run(self.run_dir, "mlflow", {"run_id": self.active_run.info.run_id, "tracking_uri": uri})
+        record_tracker_run(self.run_dir, "mlflow", {"run_id": self.active_run.info.run_id, "tracking_uri": user_uri})
+
+    @on_main_process
+    def finish(self) -> None:
+        super().finish()
+        if self.in_run_folder:
+            import mlflow
+
+            # mlflow.set_tracking_uri also set MLFLOW_TRACKING_URI for subprocesses: unset, so that a later run in
+            # this process does not take this run's store for one the user chose.
+            mlflow.set_tracking_uri(None)
+            self.in_run_folder = False
 
 
 class RunWandBTracker(WandBTracker):

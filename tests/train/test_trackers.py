@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,10 @@ def test_mlflow_logs_into_the_run_folder_and_resumes_the_same_run(shards_dir, tm
     assert train(load_config(DEBUG_YAML, tracked)).exit_code == 0
 
     assert not (tmp_path / "mlruns").exists()
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # mlflow exports the store it is given; not left for a later run
     stored = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
-    assert stored["tracking_uri"] == (run_dir / "mlruns").resolve().as_uri()
-    client = MlflowClient(tracking_uri=stored["tracking_uri"])
+    assert stored["tracking_uri"] is None  # the run folder's own store
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
     experiment = client.get_experiment_by_name("tiny_tracked")
     runs = client.search_runs([experiment.experiment_id])
     assert [run.info.run_id for run in runs] == [stored["run_id"]]
