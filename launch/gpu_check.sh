@@ -8,9 +8,12 @@
 #   inside a 600-s command limit; DRSEG_GPU_CHECK_LIMIT_S (default 585) is the hard stop around it all.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out="${1:-${OUT:+$OUT/gpu}}"
+out="${OUT:+$OUT/gpu}"
 out="${out:-gpu_check}"
-[ "$#" -gt 0 ] && shift
+if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then  # a first argument that is no option is OUT_DIR
+  out="$1"
+  shift
+fi
 site=/tmp/drseg-site
 
 if ls .whl/*.whl >/dev/null 2>&1; then
