@@ -16,8 +16,10 @@ from hpc_drseg.data.device_augment.store import DeviceTrainSet, load_train_set
 from hpc_drseg.data.device_augment.transform import DeviceAugment, build_device_augment, unpack
 from hpc_drseg.data.pipeline import load_train_data
 from hpc_drseg.data.samples import Batch, channels_last_view
-from hpc_drseg.data.stream import Order, batch_rows, steps_per_epoch
+from hpc_drseg.data.stream import Order, epoch_batches, steps_per_epoch
 from hpc_drseg.errors import InputError
+
+_TABLE_STEPS = 256  # batches whose sample indices go to the device in one copy
 
 
 def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
@@ -35,6 +37,7 @@ class DeviceBatches:
         self.num_images = len(train_set.ids)
         self.device = train_set.images.device
         self.generator = torch.Generator(device=self.device)  # private: the trainer's RNG stream stays untouched
+        self._table: Optional[tuple[int, int, list[list[int]], torch.Tensor]] = None
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches `start`..steps-1 of `epoch`."""
@@ -43,8 +46,7 @@ class DeviceBatches:
         return (self.batch(epoch, step) for step in range(start, self.steps))
 
     def batch(self, epoch: int, step: int) -> Batch:
-        indices, _ = batch_rows(self.num_images, self.order, epoch, step)
-        index = torch.tensor(indices, dtype=torch.long).to(self.device, non_blocking=True)
+        indices, index = self._rows(epoch, step)
         image = self.train_set.images.index_select(0, index)
         packed = self.train_set.masks.index_select(0, index)
         ids = [self.train_set.ids[i] for i in indices]
@@ -53,6 +55,21 @@ class DeviceBatches:
         self.generator.manual_seed(batch_seed(self.order.seed, epoch, self.order.rank, step))
         image, mask = self.augment(image, packed, self.generator)
         return Batch(image, mask, ids, None, epoch, step)
+
+    def _rows(self, epoch: int, step: int) -> tuple[list[int], torch.Tensor]:
+        """Batch `step`'s sample indices: as a host list (its ids) and on the device (the gather). They come from a
+        table of the next _TABLE_STEPS batches made when a batch is not in it: one small host-to-device copy per
+        table (per epoch, with DDR's 96 steps), not one per step, which would wait for the device."""
+        table = self._table
+        if table is None or table[0] != epoch or not table[1] <= step < table[1] + len(table[2]):
+            per_pass = steps_per_epoch(self.num_images, self.order.batch_size, self.order.world_size)
+            rows: list[list[int]] = []
+            for k in range(step, min(self.steps, step + _TABLE_STEPS)):
+                if k == step or k % per_pass == 0:
+                    indices = epoch_batches(self.num_images, *self.order, epoch, k // per_pass)[0]
+                rows.append(indices[k % per_pass].tolist())
+            table = self._table = (epoch, step, rows, torch.tensor(rows, dtype=torch.long).to(self.device))
+        return table[2][step - table[1]], table[3][step - table[1]]
 
     def close(self) -> None:
         """Nothing runs in the background; the set stays on the device until this object is dropped."""
