@@ -13,8 +13,8 @@ from hpc_drseg.config.checks import ConfigError, check_positive, check_range, ch
 from hpc_drseg.config.choices import (
     CBAM_SITES,
     AugmentBorder,
-    AugmentWhere,
     AugmentPreset,
+    AugmentWhere,
     BackboneName,
     BoundaryMode,
     CBAMImpl,
