@@ -21,6 +21,11 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
+# From the first line on, a stop signal is remembered rather than fatal (bash's default for USR2 and TERM is to
+# die): with a --time no longer than the --signal lead time SLURM signals the job as it starts. main() acts on it.
+early_signal=""
+trap 'early_signal=USR2' USR2
+trap 'early_signal=TERM' TERM
 
 EXIT_RESUMABLE=75  # hpc_drseg.train.signals: "checkpoint written, run me again"
 DEFAULT_MAX_REQUEUES=5
@@ -337,7 +342,7 @@ requeue() {
 }
 
 main() {
-  stop_signal="" child="" ended_state="" launched=0 start_step=0
+  stop_signal="$early_signal" child="" ended_state="" launched=0 start_step=0
   trap 'on_stop_signal USR2' USR2
   trap 'on_stop_signal TERM' TERM
   local status=0

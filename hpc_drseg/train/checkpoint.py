@@ -179,6 +179,7 @@ RESUME_SAFE_KEYS = frozenset(
         # A stopping rule like max_epochs: the monitor's best value and epochs since it are restored either way.
         "train.early_stop_patience",
         "train.log_every_steps",  # progress bar and TensorBoard period only
+        "train.trackers",  # where figures are logged, not what they are
         "train.checkpoint_every_steps",  # how often last.pt is written; resume is exact from any of them
         "train.checkpoint_every_epochs",  # likewise
         "data.num_workers",  # the loader yields the same batches, augmented alike, for any worker count

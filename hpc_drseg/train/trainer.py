@@ -429,6 +429,7 @@ class Trainer:
                 if self.checkpointer is not None:  # its files are committed before the run folder is let go
                     self.checkpointer.wait()
             finally:
+                self.train_batches.close()  # the loader workers live for the run: not a moment longer
                 self.logger.close()
                 if lock is not None:
                     lock.release()

@@ -57,11 +57,12 @@ def collect_metrics(
     model.eval()
     dtype = model_input_dtype(model)
     total = getattr(batches, "num_samples", None)
-    bar = progress_bar(total, desc, progress and accelerator.is_main_process, unit="img")
+    bar = None
     for batch in batches:
-        image = normalize(batch.image.to(device)).to(dtype)
-        if cfg.train.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        # The bar appears once the first batch is read: a shard that disagrees with its manifest is then one line
+        # of its own, not one under a bar.
+        bar = bar or progress_bar(total, desc, progress and accelerator.is_main_process, unit="img")
+        image = normalize(batch.image.to(device), dtype, cfg.train.channels_last)
         mask = batch.mask.to(device)
         # DeepSpeed half-precision weights take half inputs directly; otherwise autocast as in training.
         with accelerator.autocast() if dtype == torch.float32 else contextlib.nullcontext():
@@ -76,7 +77,8 @@ def collect_metrics(
         else:
             standard.update(probs, mask)
         bar.update(len(batch.ids))
-    bar.close()
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     return _sync(accelerator, paper, standard, loss_sum)
 

@@ -518,11 +518,18 @@ def test_time_limit_not_longer_than_the_signal_lead_is_warned_about(
     (tmp_path / "logs").mkdir()
     args = [*NO_GPU, *options, str(TRAIN_SH), str(DEBUG_CONFIG)]
     job = slurm_cluster.sbatch(args, cwd=tmp_path, env=job_env(DRSEG_DRY_RUN="1"))
-    assert slurm_cluster.wait_state(job, timeout_s=120) == "COMPLETED"
-    warnings = [line for line in train_sh_lines(job_log(tmp_path)) if "] warning: " in line]
+    state = slurm_cluster.wait_state(job, timeout_s=120)
+    lines = train_sh_lines(job_log(tmp_path))
+    warnings = [line for line in lines if "] warning: " in line]
     if warned is None:
+        assert state == "COMPLETED", lines
         assert warnings == []
     else:
+        # The warned-about case itself: SLURM signals such a job as it starts. On a busy machine the signal can come
+        # before the dry run ends, and the job then stops, unrequeued, as the warning says (any signal is caught from
+        # the script's first line, so the warning is printed either way).
+        stopped = any("stopped by USR2 before training started; not requeued: no progress" in line for line in lines)
+        assert state == "COMPLETED" or (state == "FAILED" and stopped), (state, lines)
         assert len(warnings) == 1 and f"] warning: the time limit {warned}: SLURM signals the job" in warnings[0], (
             warnings
         )
