@@ -12,11 +12,12 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from hpc_drseg.atomic import atomic_write_text, atomic_writer
+from hpc_drseg.atomic import atomic_write_text
 from hpc_drseg.config.yamlio import load_yaml
-from hpc_drseg.constants import LESION_COLOURS, LESION_NAMES, LESIONS
+from hpc_drseg.constants import LESION_NAMES, LESIONS
 from hpc_drseg.data.layouts import LEGACY_DATASET
 from hpc_drseg.errors import DrsegError, InputError, MissingError
+from hpc_drseg.plots import PLOTS_DIR, lesion_colour, plot_training_curves, pyplot, save_figure
 
 MODEL_LABELS = {"attention_deeplab": "Attention-DeepLab", "deeplabv3plus": "DeepLab-V3+", "unet": "U-Net"}
 
@@ -47,7 +48,6 @@ PROTOCOL_NOTES = {
     "AP. Best published DDR numbers with this protocol: mAUPR ≈ 0.50, mIoU ≈ 0.31 (HRNet + M2MRF, 1024 px).",
 }
 PROTOCOL_METRICS = {"paper": ("AP", "IoU"), "standard": ("AP", "AUPR11", "IoU", "Dice")}
-PLOTS_DIR = "plots"
 
 
 # ------------------------------------------------------------------------------------------------- reading a run
@@ -188,29 +188,6 @@ def paper_reference(model: Optional[str]) -> dict[str, dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------------------- plots
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: clusters have no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """savefig to a temporary file in the same folder, then rename: a reader never sees half a PNG."""
-    try:
-        with atomic_writer(path, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        pyplot().close(fig)
-    return path
-
-
-def _colour(lesion: str) -> tuple[float, float, float]:
-    return tuple(c / 255 for c in LESION_COLOURS[lesion])  # type: ignore[return-value]
-
-
 def plot_pr_curves(evals: dict[str, dict[str, Any]], path: Path) -> Optional[Path]:
     """One subplot per lesion, one curve per split (standard protocol, 101 thresholds); None without pr_curves."""
     splits = [split for split, content in evals.items() if content.get("pr_curves")]
@@ -228,7 +205,7 @@ def plot_pr_curves(evals: dict[str, dict[str, Any]], path: Path) -> Optional[Pat
             if points:
                 recall, precision = zip(*points)
                 label = f"{split}: AP = {fmt(ap)}"
-                ax.plot(recall, precision, styles[i % len(styles)], color=_colour(lesion), lw=2, label=label)
+                ax.plot(recall, precision, styles[i % len(styles)], color=lesion_colour(lesion), lw=2, label=label)
         if not ax.lines:
             ax.text(0.5, 0.5, "no lesion pixels\nin the split", ha="center", va="center", transform=ax.transAxes)
         ax.set(title=f"{lesion} ({LESION_NAMES[lesion]})", xlabel="recall", xlim=(0, 1), ylim=(0, 1.02))
@@ -237,58 +214,6 @@ def plot_pr_curves(evals: dict[str, dict[str, Any]], path: Path) -> Optional[Pat
             ax.legend(loc="lower left", fontsize=9)  # PR curves fall towards the lower right
     axes[0].set_ylabel("precision")
     fig.suptitle("Precision-recall, standard protocol (native resolution, whole split)")
-    return save_figure(fig, path)
-
-
-def plot_training_curves(history: list[dict[str, float]], path: Path) -> Optional[Path]:
-    """Loss terms, validation means, per-lesion validation AP/IoU and the learning rate vs epoch; None without rows."""
-    if not history:
-        return None
-    plt = pyplot()
-    columns = list(history[0])
-    epochs = [row.get("epoch", i) for i, row in enumerate(history)]
-
-    def series(key: str) -> list[float]:
-        return [row.get(key, math.nan) for row in history]
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), layout="constrained")
-    losses, means, lesions, lr = axes.flat
-    for key in [c for c in columns if c.startswith("train/")] + ["val/loss"]:
-        if key in columns:
-            losses.plot(epochs, series(key), "--" if key == "val/loss" else "-", marker=".", label=key)
-    for key in ("val/mAP", "val/mIoU", "val/mDice", "val/mAUPR11", "val/paper_mAP", "val/paper_mIoU"):
-        if key in columns:
-            means.plot(epochs, series(key), marker=".", label=key)
-    for lesion in LESIONS:
-        for metric, style in (("AP", "-"), ("IoU", "--")):
-            if f"val/{metric}_{lesion}" in columns:
-                lesions.plot(
-                    epochs,
-                    series(f"val/{metric}_{lesion}"),
-                    style,
-                    marker=".",
-                    color=_colour(lesion),
-                    label=f"{metric} {lesion}",
-                )
-    if "lr" in columns:
-        rates = series("lr")
-        lr.plot(epochs, rates, marker=".", color="black", label="lr")
-        if all(r > 0 for r in rates if math.isfinite(r)) and any(math.isfinite(r) for r in rates):
-            lr.set_yscale("log")
-    titles = (
-        "training loss terms (epoch means) and val/loss",
-        "validation means (standard protocol; paper_*)",
-        "validation per lesion (AP solid, IoU dashed)",
-        "learning rate",
-    )
-    from matplotlib.ticker import MaxNLocator
-
-    for ax, title in zip(axes.flat, titles):
-        ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8, ncol=2)
     return save_figure(fig, path)
 
 

@@ -14,7 +14,7 @@ import yaml
 from hpc_drseg.atomic import atomic_write_text
 from hpc_drseg.config import SweepConfig
 from hpc_drseg.errors import InputError
-from hpc_drseg.report import pyplot, save_figure
+from hpc_drseg.plots import pyplot, save_figure
 from hpc_drseg.sweep.metrics import summary_metric_names, trial_metrics
 from hpc_drseg.sweep.spec import Trial
 from hpc_drseg.sweep.status import TRIAL_STATES, sweep_status

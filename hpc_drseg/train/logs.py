@@ -127,8 +127,8 @@ class CurvesPlot:
             return
         begun = time.perf_counter()
         try:
-            # report.py holds the one training-curves figure (drseg eval/report redraw it from metrics.csv).
-            from hpc_drseg.report import PLOTS_DIR, plot_training_curves
+            # plots.py holds the one training-curves figure (drseg eval/report redraw it from metrics.csv).
+            from hpc_drseg.plots import PLOTS_DIR, plot_training_curves
 
             plot_training_curves(history, self.run_dir / PLOTS_DIR / "training_curves.png")
             self.rows = len(history)
