@@ -159,12 +159,6 @@ def check_args(
     return {split: n for split, n in counts.items() if n > 0}
 
 
-def _not_synth_reason(folder: Path) -> str | None:
-    """Why `folder` is not a previous output of write_synthetic_ddr (None if it is one, or empty): it must hold
-    MARKER and otherwise only the DDR layout's folders, .jpg images and .tif/.png masks, no symlinks."""
-    return not_synth_reason(folder, _WRITTEN)
-
-
 def not_synth_reason(folder: Path, written: re.Pattern[str]) -> str | None:
     """Why `folder` is not a tree of `drseg synth` (None if it is one, or empty): MARKER, and otherwise only relative
     paths that `written` matches in full, no symlinks."""
@@ -212,18 +206,41 @@ def write_synthetic_ddr(
     first; a full disk raises NoSpaceError.
     """
     counts = check_args(counts, size_px, seed, workers)
-    target = output_path(out)
-    check_replaceable_output(target, overwrite, _not_synth_reason, "a tree written by drseg synth")
-    remove_stale_temporaries(target)
-    tmp = None
-    try:
-        tmp = make_temporary_folder(target)
+
+    def fill(tmp: Path) -> None:
         for split in counts:
             for sub in ("image", *(f"label/{lesion}" for lesion in LESIONS)):
                 (tmp / SUBSET_DIR / split / sub).mkdir(parents=True)
         samples = _plan(tmp, counts, size_px, seed)
         run_jobs(samples, _make_samples, min(workers or usable_cores(), len(samples)), progress)
-        _write_marker(tmp, counts, size_px, seed)
+
+    return write_synth_tree(out, overwrite, _WRITTEN, fill, counts, size_px, seed)
+
+
+def write_synth_tree(
+    out: str | Path,
+    overwrite: bool,
+    written: re.Pattern[str],
+    fill: Callable[[Path], None],
+    counts: Mapping[str, int],
+    size_px: int,
+    seed: int,
+    layout: str = "ddr",
+) -> Path:
+    """What every `drseg synth` layout shares: `out` is replaced only with `overwrite` and only if it is an earlier
+    tree of `drseg synth` (`written`: the relative paths that layout writes); `fill` builds the new tree in a
+    temporary folder, which gets MARKER and is then swapped in (fsynced first). On any failure the temporary goes and
+    `out` stays as it was; a full disk raises NoSpaceError."""
+    target = output_path(out)
+    check_replaceable_output(
+        target, overwrite, lambda folder: not_synth_reason(folder, written), "a tree written by drseg synth"
+    )
+    remove_stale_temporaries(target)
+    tmp = None
+    try:
+        tmp = make_temporary_folder(target)
+        fill(tmp)
+        _write_marker(tmp, counts, size_px, seed, layout)
         replace_folder(tmp, target)  # fsyncs every image and mask first
     except BaseException as exc:
         if tmp is not None:

@@ -6,7 +6,6 @@ IDRiD does — no mask file where an image has none of a lesion.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,18 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hpc_drseg.atomic import (
-    check_replaceable_output,
-    make_temporary_folder,
-    output_path,
-    raise_if_disk_full,
-    remove_stale_temporaries,
-    replace_folder,
-)
-from hpc_drseg.data import synth
 from hpc_drseg.data.fundus import image_shape, render_fundus
 from hpc_drseg.data.idrid import IMAGES_DIR, LESION_DIRS, MASKS_DIR, SEGMENTATION_DIR, SET_DIRS
-from hpc_drseg.data.synth import JPEG_QUALITY, check_args, not_synth_reason, run_jobs
+from hpc_drseg.data.synth import JPEG_QUALITY, check_args, run_jobs, write_synth_tree
 from hpc_drseg.errors import InputError
 from hpc_drseg.host import usable_cores
 
@@ -93,25 +83,13 @@ def write_synthetic_idrid(
     if counts is not None and counts.get("valid"):
         raise InputError(f"counts: valid={counts['valid']}; IDRiD has no validation set (drseg shard carves one)")
     counts = check_args({k: v for k, v in (counts or IDRID_COUNTS).items() if k != "valid"}, size_px, seed, workers)
-    target = output_path(out)
-    check_replaceable_output(
-        target, overwrite, lambda folder: not_synth_reason(folder, _WRITTEN), "a tree written by drseg synth"
-    )
-    remove_stale_temporaries(target)
-    tmp = None
-    try:
-        tmp = make_temporary_folder(target)
+
+    def fill(tmp: Path) -> None:
         for split in counts:
             (tmp / SEGMENTATION_DIR / IMAGES_DIR / SET_DIRS[split]).mkdir(parents=True)
             for folder in LESION_DIRS:
                 (tmp / SEGMENTATION_DIR / MASKS_DIR / SET_DIRS[split] / folder).mkdir(parents=True)
         samples = _plan(tmp, counts, size_px, seed)
         run_jobs(samples, _make_samples, min(workers or usable_cores(), len(samples)), progress, "synth IDRiD")
-        synth._write_marker(tmp, counts, size_px, seed, layout="idrid")  # the marker of every drseg synth tree
-        replace_folder(tmp, target)  # fsyncs every image and mask first
-    except BaseException as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise_if_disk_full(exc, target)
-        raise
-    return Path(out)
+
+    return write_synth_tree(out, overwrite, _WRITTEN, fill, counts, size_px, seed, layout="idrid")
